@@ -1,0 +1,34 @@
+# Every target sets up what it needs: a fresh clone with only Python 3.11 runs `make demo` or `make test`.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench sample-data clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,dask]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ximrun run jobs/demo.toml; code=$$?; echo "exit code $$code"; \
+	$(BIN)/ximrun status jobs/demo.toml; exit $$code
+
+lint: $(STAMP)
+	$(BIN)/ruff check runner tests bench scripts
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+sample-data: $(STAMP)
+	$(BIN)/python scripts/make_sample_data.py
+
+clean:
+	rm -rf $(VENV) state .pytest_cache .ruff_cache

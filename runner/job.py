@@ -1,0 +1,352 @@
+"""The job file: parse TOML and validate every key into frozen dataclasses, before anything runs.
+
+Everyone imports this module; it imports nothing of ours but the error family.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from runner.errors import JobError
+
+SANDBOX = "sandbox"
+TRANSCODABLE = ("avif", "heif", "jp2", "psd")
+# Services that take fewer than 10 records per request (XIMILAR_API.md).
+ENDPOINT_BATCH_CAPS = {
+    "card-grader/v2/grade": 2,
+    "upscaler/2x/upscale": 1,
+    "upscaler/4x/upscale": 1,
+    "upscaler/8x/upscale": 1,
+}
+SANDBOX_DEFAULT_PATH = "collectibles/v2/tcg_id"
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    paths: tuple[str, ...] = ()
+    manifest: str | None = None
+    recursive: bool = True
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    endpoint: str = SANDBOX
+    token_env: str = "XIMILAR_TOKEN"
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 10
+    concurrency: int = 4
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 10.0
+    max_retries: int = 5
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    max_side: int = 0
+    transcode: tuple[str, ...] = ()
+    send: str = "base64"
+    max_pixels: int = 64_000_000
+
+
+@dataclass(frozen=True)
+class CreditsConfig:
+    per_image: int = 10
+    budget: int = 0
+    reuse: bool = True
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    db: str = ""
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    kind: str = "local"
+    address: str | None = None
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    """Faults and limits the embedded emulator produces; all off by default."""
+
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    p429: float = 0.0
+    retry_after_s: float = 1.0
+    p500: float = 0.0
+    p502: float = 0.0
+    pdrop: float = 0.0
+    prefuse: float = 0.0
+    precord_retry: float = 0.0
+    rate_limit_rps: float = 0.0
+    credits: int = 1_000_000
+    credits_per_record: int = 10
+    max_records: int = 10
+    max_image_bytes: int = 0
+    token: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    path: Path
+    source: SourceConfig
+    api: ApiConfig
+    images: ImagePolicy
+    credits: CreditsConfig
+    state: StateConfig
+    executor: ExecutorConfig
+    sandbox: SandboxSettings
+    token: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def db_path(self) -> Path:
+        return resolve_local(self.base_dir, self.state.db)
+
+    @property
+    def uses_sandbox(self) -> bool:
+        return self.api.endpoint == SANDBOX
+
+    def request_signature(self, endpoint: str | None = None) -> str:
+        """What makes an answer belong to a request besides the bytes: endpoint and fields."""
+        body = json.dumps(
+            {"endpoint": endpoint or self.api.endpoint, "fields": dict(self.api.fields)},
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def resolve_local(base: Path, value: str) -> Path:
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def is_url(value: str) -> bool:
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value))
+
+
+def resolve_source(base: Path, value: str) -> str:
+    """A URL stays as it is; a local path becomes absolute, relative to the job file's folder."""
+    if is_url(value):
+        return value
+    trailing = "/" if value.endswith(("/", os.sep)) else ""
+    return str(resolve_local(base, value)) + trailing
+
+
+# --- validation --------------------------------------------------------------------------------
+
+_SECTIONS = {
+    "source": SourceConfig,
+    "api": ApiConfig,
+    "images": ImagePolicy,
+    "credits": CreditsConfig,
+    "state": StateConfig,
+    "executor": ExecutorConfig,
+    "sandbox": SandboxSettings,
+}
+
+
+def _type_name(t: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            list: "a list", dict: "a table"}.get(t, str(t))
+
+
+def _expect(key: str, value: Any, kind: type) -> Any:
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise JobError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise JobError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, kind):
+        raise JobError(f"{key}: expected {_type_name(kind)}, got {value!r}")
+    return value
+
+
+def _str_list(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    _expect(key, value, list)
+    for v in value:
+        if not isinstance(v, str):
+            raise JobError(f"{key}: expected a list of strings, got {v!r}")
+    return tuple(value)
+
+
+def _range(key: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise JobError(f"{key}: {value!r} is out of range ({bounds})")
+
+
+def _section(name: str, raw: Any) -> dict[str, Any]:
+    """Check a table's keys against its dataclass; return the typed values given."""
+    cls = _SECTIONS[name]
+    if not isinstance(raw, dict):
+        raise JobError(f"{name}: expected a table, got {raw!r}")
+    known = {f.name: f for f in fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{name}.{key}"
+        if key not in known:
+            raise JobError(f"{full}: unknown key (known: {', '.join(sorted(known))})")
+        default = getattr(cls(), key)
+        if isinstance(default, tuple):
+            out[key] = _str_list(full, value)
+        elif isinstance(default, Mapping):
+            out[key] = dict(_expect(full, value, dict))
+        elif isinstance(default, bool):
+            out[key] = _expect(full, value, bool)
+        elif isinstance(default, int):
+            out[key] = _expect(full, value, int)
+        elif isinstance(default, float):
+            out[key] = _expect(full, value, float)
+        else:  # str or optional str
+            if value is not None:
+                _expect(full, value, str)
+            out[key] = value
+    return out
+
+
+def parse_job(text: str, path: Path, env: Mapping[str, str] | None = None, *,
+              require_token: bool = True) -> Job:
+    """Validate a job file's text; raises JobError naming the first key that is wrong.
+
+    require_token=False serves the commands that send nothing (plan, status, export, retry).
+    """
+    env = os.environ if env is None else env
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise JobError(f"{path}: not valid TOML: {exc}") from None
+
+    raw = dict(raw)
+    name = raw.pop("name", None)
+    if name is None:
+        raise JobError("name: missing (every job needs a name, its identity in the state database)")
+    _expect("name", name, str)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise JobError(f"name: {name!r} must be letters, digits, '.', '_' or '-'")
+
+    for key in raw:
+        if key not in _SECTIONS:
+            hint = " (it belongs in [credits])" if key == "reuse" else ""
+            raise JobError(f"{key}: unknown key{hint} (known: name, {', '.join(_SECTIONS)})")
+    given = {sec: _section(sec, raw.get(sec, {})) for sec in _SECTIONS}
+
+    source = SourceConfig(**given["source"])
+    base = path.parent
+    if not source.paths and not source.manifest:
+        raise JobError("source.paths: give at least one path, or source.manifest")
+    source = replace(
+        source,
+        paths=tuple(resolve_source(base, p) for p in source.paths),
+        manifest=resolve_source(base, source.manifest) if source.manifest else None,
+    )
+    if any(not p for p in source.paths):
+        raise JobError("source.paths: an empty string is not a path")
+
+    api = ApiConfig(**given["api"])
+    if api.endpoint != SANDBOX and not re.match(r"^https?://[^/\s]+", api.endpoint):
+        raise JobError(f"api.endpoint: {api.endpoint!r} is neither \"sandbox\" nor an http(s) URL")
+    cap = endpoint_batch_cap(api.endpoint)
+    if "batch_size" in given["api"]:
+        _range("api.batch_size", api.batch_size, 1, cap)
+    else:
+        api = replace(api, batch_size=min(api.batch_size, cap))
+    _range("api.concurrency", api.concurrency, 1, 256)
+    _range("api.timeout_s", api.timeout_s, 0.1)
+    _range("api.connect_timeout_s", api.connect_timeout_s, 0.1)
+    _range("api.max_retries", api.max_retries, 0, 100)
+    if "records" in api.fields:
+        raise JobError("api.fields: 'records' is built by ximrun and cannot be a field")
+
+    images = ImagePolicy(**given["images"])
+    _range("images.max_side", images.max_side, 0)
+    _range("images.max_pixels", images.max_pixels, 1)
+    for fmt in images.transcode:
+        if fmt not in TRANSCODABLE:
+            raise JobError(f"images.transcode: {fmt!r} is not one of {', '.join(TRANSCODABLE)}")
+    if images.send not in ("base64", "url"):
+        raise JobError(f"images.send: {images.send!r} must be \"base64\" or \"url\"")
+
+    credits = CreditsConfig(**given["credits"])
+    _range("credits.per_image", credits.per_image, 0)
+    _range("credits.budget", credits.budget, 0)
+
+    state = StateConfig(**given["state"])
+    if not state.db:
+        state = StateConfig(db=f"state/{name}.db")
+
+    executor = ExecutorConfig(**given["executor"])
+    if executor.kind not in ("local", "dask"):
+        raise JobError(f"executor.kind: {executor.kind!r} must be \"local\" or \"dask\"")
+    if executor.address is not None and executor.kind != "dask":
+        raise JobError("executor.address: only meaningful with kind = \"dask\"")
+    _range("executor.workers", executor.workers, 0, 1024)
+
+    sandbox = SandboxSettings(**given["sandbox"])
+    if given["sandbox"] and api.endpoint != SANDBOX:
+        raise JobError("sandbox: this table only applies with api.endpoint = \"sandbox\"")
+    validate_sandbox(sandbox)
+
+    token: str | None = None
+    if api.endpoint != SANDBOX:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api.token_env):
+            raise JobError(f"api.token_env: {api.token_env!r} is not a variable name")
+        token = env.get(api.token_env) or None
+        if token is None and require_token:
+            raise JobError(
+                f"api.token_env: the variable {api.token_env} is not set "
+                "(the token is read from the environment, never from the job file)"
+            )
+
+    return Job(name=name, path=path, source=source, api=api, images=images, credits=credits,
+               state=state, executor=executor, sandbox=sandbox, token=token)
+
+
+def validate_sandbox(s: SandboxSettings) -> None:
+    for key in ("p429", "p500", "p502", "pdrop", "prefuse", "precord_retry"):
+        _range(f"sandbox.{key}", getattr(s, key), 0.0, 1.0)
+    for key in ("latency_ms", "jitter_ms", "retry_after_s", "rate_limit_rps", "credits",
+                "credits_per_record", "max_image_bytes"):
+        _range(f"sandbox.{key}", getattr(s, key), 0)
+    _range("sandbox.max_records", s.max_records, 1, 100)
+
+
+def endpoint_batch_cap(endpoint: str) -> int:
+    for suffix, cap in ENDPOINT_BATCH_CAPS.items():
+        if endpoint.rstrip("/").endswith(suffix):
+            return cap
+    return 10
+
+
+def load_job(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
+             require_token: bool = True) -> Job:
+    p = Path(path).expanduser().resolve()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobError(f"{path}: no such job file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobError(f"{path}: cannot read the job file: {exc}") from None
+    return parse_job(text, p, env, require_token=require_token)

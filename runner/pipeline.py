@@ -1,0 +1,580 @@
+"""Wires the stages into a run: listing -> preparation -> batches -> API -> checkpoint.
+
+Preparation (read + sniff + decode/resize) runs on a small thread pool, requests on another with
+`concurrency` workers; the calling thread coordinates: it classifies the listing against the
+database, fills batches, reserves budget and dispatches. Every answered batch is committed in one
+transaction before the next decision that depends on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from runner import images, sources
+from runner.client import ApiClient
+from runner.errors import AuthError, LockedError, ReadError
+from runner.job import Job
+from runner.records import Item, PreparedImage, RecordOutcome, RequestRecord
+from runner.store import (
+    CHANGED,
+    CHANGED_REQUEST,
+    KEPT_FAILED,
+    NEW,
+    RESUMED,
+    RETRY,
+    TO_SEND,
+    UNCHANGED,
+    Answer,
+    Listed,
+    Store,
+    iter_chunks,
+)
+
+log = logging.getLogger("ximrun.pipeline")
+
+LIST_CHUNK = 500  # listed items classified against the database per query/transaction
+SNIFF_BYTES = 64 * 1024  # enough of a file to recognise its format from the header
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    limit: int | None = None  # stop after this many images were taken up
+    budget: int | None = None  # overrides the job's [credits] budget
+
+
+@dataclass
+class Summary:
+    """What a run (or a plan) did; the CLI prints it, --json dumps it."""
+
+    job: str
+    run_id: int | None = None
+    status: str = "running"
+    exit_code: int = 0
+    message: str | None = None
+    listed: int = 0
+    new: int = 0
+    changed: int = 0
+    changed_request: int = 0
+    unchanged: int = 0
+    resumed: int = 0
+    retried: int = 0
+    kept_failed: int = 0
+    skipped_rows: int = 0
+    sent: int = 0
+    done: int = 0
+    failed: int = 0
+    rejected: int = 0
+    reused: int = 0
+    requests: int = 0
+    credits: int = 0
+    credits_saved: int = 0
+    pending: int = 0
+    missing: int = 0
+    budget: int = 0
+    account_before: int | None = None
+    account_after: int | None = None
+    elapsed_s: float = 0.0
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressFn = Callable[[Summary], None]
+
+
+# --- preparation (runs on the preparation threads) ---------------------------------------------
+
+@dataclass(frozen=True)
+class Ready:
+    item: Item
+    record: RequestRecord
+    content_hash: str | None
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True)
+class Refused:
+    item: Item
+    reason: str
+    read_failed: bool  # True: the bytes could not be read (failed); False: the policy (rejected)
+
+
+def prepare_item(job: Job, item: Item) -> Ready | Refused:
+    """Read, check and convert one image; never raises for a bad image or a vanished object."""
+    policy = job.images
+    try:
+        if policy.send == "url":
+            url = sources.presign(item, job.source)
+            if url is not None:
+                head = sources.read_bytes(item, job.source, max_bytes=SNIFF_BYTES)
+                verdict = images.decide(images.sniff_format(head) if head else None, policy)
+                if not head:
+                    return Refused(item, "empty", read_failed=False)
+                if verdict.action == "reject":
+                    return Refused(item, verdict.reason or "rejected", read_failed=False)
+                if verdict.action == "accept" and policy.max_side == 0:
+                    # The API fetches the bytes itself; without them there is no content hash.
+                    return Ready(item, RequestRecord(item.key, url=url, extra=item.extra), None)
+        data = sources.read_bytes(item, job.source)
+    except ReadError as exc:
+        return Refused(item, str(exc), read_failed=True)
+    result = images.prepare_image(data, policy)
+    if not isinstance(result, PreparedImage):
+        return Refused(item, result.reason or "rejected", read_failed=False)
+    digest = hashlib.sha256(result.data).hexdigest()
+    return Ready(item, RequestRecord(item.key, data=result.data, extra=item.extra), digest,
+                 result.width, result.height)
+
+
+def prep_signature(job: Job) -> str:
+    p = job.images
+    body = f"{p.max_side}|{','.join(sorted(p.transcode))}|{p.send}|{p.max_pixels}"
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+# --- the run lock ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def run_lock(db_path: Path) -> Iterator[None]:
+    """One run per state database, held by the kernel: it dies with the process, never stale."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = db_path.with_name(db_path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            pid = int(holder) if holder.isdigit() else None
+            raise LockedError(
+                f"another run of {db_path.name} is in progress"
+                + (f" (pid {pid})" if pid else ""), pid=pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def api_endpoint(job: Job) -> Iterator[tuple[str, str]]:
+    """The URL and token to use: the job's, or an embedded emulator's for endpoint = "sandbox"."""
+    if not job.uses_sandbox:
+        assert job.token is not None  # the job loader refuses a job without one
+        yield job.api.endpoint, job.token
+        return
+    from runner.sandbox import Sandbox
+
+    token = secrets.token_hex(16)
+    with Sandbox(replace(job.sandbox, token=token)) as sb:
+        yield sb.endpoint_url(), token
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+class _Run:
+    def __init__(self, job: Job, store: Store, client: ApiClient, options: RunOptions,
+                 stop: threading.Event, progress: ProgressFn | None) -> None:
+        self.job = job
+        self.store = store
+        self.client = client
+        self.options = options
+        self.stop = stop
+        self.progress = progress
+        self.budget = options.budget if options.budget is not None else job.credits.budget
+        self.summary = Summary(job=job.name, budget=self.budget)
+        self.request_sig = job.request_signature()
+        self.prep_sig = prep_signature(job)
+        self.per_image = job.credits.per_image
+        self.reuse = job.credits.reuse
+        self._lock = threading.Lock()  # summary counters, reservations, in-run duplicates
+        self._hash_lock = threading.Lock()  # waiting followers vs. their leader's commit
+        self.waiting: dict[str, list[Item]] = {}  # content hash in a batch or in flight -> copies
+        self.reserved = 0
+        self.spent = 0
+        self.batch_no = 0
+        self.run_id = 0
+        self.auth_error: AuthError | None = None
+
+    # listing and classification
+
+    def _listed(self) -> Iterator[Listed]:
+        s = self.summary
+
+        def skipped(why: str) -> None:
+            s.skipped_rows += 1
+            log.warning("skipped: %s", why)
+
+        counters = {NEW: "new", CHANGED: "changed", CHANGED_REQUEST: "changed_request",
+                    UNCHANGED: "unchanged", RESUMED: "resumed", RETRY: "retried",
+                    KEPT_FAILED: "kept_failed"}
+        for chunk in iter_chunks(sources.list_items(self.job.source, on_skip=skipped), LIST_CHUNK):
+            listed = self.store.classify(self.job.name, chunk, request_sig=self.request_sig,
+                                         prep_sig=self.prep_sig, run_id=self.run_id)
+            with self._lock:
+                s.listed += len(listed)
+                for x in listed:
+                    name = counters[x.kind]
+                    setattr(s, name, getattr(s, name) + 1)
+            self._report()
+            for x in listed:
+                if x.kind in TO_SEND:
+                    yield x
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.summary)
+
+    # the coordinator
+
+    def execute(self) -> Summary:
+        s = self.summary
+        started = time.monotonic()
+        self.run_id = self.store.begin_run(self.job.name, pid=os.getpid(),
+                                           endpoint=self.job.api.endpoint, budget=self.budget)
+        s.run_id = self.run_id
+        self.spent = self.store.spent(self.job.name)
+        stopped_by: str | None = None
+        listing_complete = False
+        try:
+            s.account_before = _credits_counter(self.client.account_details())
+            self.store.set_account_before(self.run_id, s.account_before)
+            sources.check_manifest(self.job.source)
+            stopped_by, listing_complete = self._coordinate()
+        except AuthError as exc:
+            self.auth_error = exc
+        finally:
+            s.elapsed_s = round(time.monotonic() - started, 3)
+        if self.auth_error is not None:
+            s.status, s.exit_code, s.message = "auth_refused", 5, str(self.auth_error)
+        else:
+            with contextlib.suppress(AuthError):
+                s.account_after = _credits_counter(self.client.account_details())
+            if listing_complete:
+                self.store.mark_missing(self.job.name, self.run_id)
+            s.pending = self.store.pending_among_listed(self.job.name, self.run_id)
+            failed = self.store.failed_among_listed(self.job.name, self.run_id)
+            if stopped_by == "interrupted":
+                s.status, s.exit_code = "interrupted", 4
+            elif stopped_by in ("budget", "limit") and s.pending:
+                s.status, s.exit_code = f"stopped_by_{stopped_by}", 3
+            elif failed:
+                s.status, s.exit_code = "finished_with_failures", 1
+                s.message = f"{failed} image(s) failed; see `ximrun status` or `ximrun export`"
+            else:
+                s.status, s.exit_code = "finished", 0
+        s.missing = self.store.counts(self.job.name)["missing"]
+        self.store.finish_run(self.run_id, status=s.status, exit_code=s.exit_code,
+                              account_after=s.account_after)
+        self._report()
+        return s
+
+    def _coordinate(self) -> tuple[str | None, bool]:
+        """Returns (why it stopped early or None, whether the whole listing was seen)."""
+        job = self.job
+        bs = job.api.batch_size
+        prep_workers = max(2, min(8, (os.cpu_count() or 2) + 2))
+        prep_window = max(4 * prep_workers, bs * job.api.concurrency)
+        send_window = job.api.concurrency + 1  # one batch waiting per worker keeps them all busy
+        listing = self._listed()
+        intake_done = exhausted = limited = False
+        stopped_by: str | None = None  # "interrupted", "auth" or "budget": nothing more is sent
+        taken = 0
+        batch: list[Ready] = []
+        prep_inflight: set[Future[Ready | Refused]] = set()
+        send_inflight: set[Future[int]] = set()
+        limit = self.options.limit
+
+        with ThreadPoolExecutor(prep_workers, thread_name_prefix="prep") as prep_pool, \
+                ThreadPoolExecutor(job.api.concurrency, thread_name_prefix="send") as send_pool:
+            while True:
+                if self.auth_error is not None:
+                    stopped_by = "auth"
+                elif self.stop.is_set() and stopped_by is None:
+                    stopped_by = "interrupted"
+                # 1. take up listed images while the preparation window has room
+                while stopped_by is None and not intake_done and len(prep_inflight) < prep_window:
+                    if limit is not None and taken >= limit:
+                        intake_done = limited = True
+                        break
+                    nxt = next(listing, None)
+                    if nxt is None:
+                        intake_done = exhausted = True
+                        break
+                    taken += 1
+                    prep_inflight.add(prep_pool.submit(prepare_item, job, nxt.item))
+                # 2. route prepared images: refused, reused, waiting on a copy, or into a batch
+                finished = [f for f in prep_inflight if f.done()]
+                if finished:
+                    prep_inflight.difference_update(finished)
+                    if stopped_by is None:
+                        self._route([f.result() for f in finished], batch)
+                # 3. dispatch batches that are full, or the last one once nothing else comes
+                while batch and stopped_by is None and len(send_inflight) < send_window:
+                    last = intake_done and not prep_inflight
+                    if len(batch) < bs and not last:
+                        break
+                    n = self._affordable(min(bs, len(batch)))
+                    if n == 0:
+                        if not send_inflight:
+                            stopped_by = "budget"
+                        break
+                    take, batch[:n] = batch[:n], []
+                    send_inflight.add(send_pool.submit(self._send, self._next_batch(), take))
+                # 4. finished?
+                if stopped_by is not None and not send_inflight:
+                    break
+                if intake_done and not prep_inflight and not batch and not send_inflight:
+                    break
+                pending = prep_inflight | send_inflight
+                if pending:
+                    wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                else:
+                    self.stop.wait(0.05)
+                for f in [f for f in send_inflight if f.done()]:
+                    send_inflight.discard(f)
+                    try:
+                        f.result()
+                    except AuthError as exc:
+                        self.auth_error = exc
+                        self.stop.set()  # the other requests in flight stop retrying
+            for f in prep_inflight:
+                f.cancel()
+        if stopped_by == "auth":
+            raise self.auth_error  # type: ignore[misc]
+        if stopped_by is None and limited and next(listing, None) is not None:
+            stopped_by = "limit"
+        if stopped_by in ("budget", "limit"):
+            # Record the rest of the listing as pending, so that status and the next plan are true.
+            for _ in listing:
+                pass
+            exhausted = True
+        return stopped_by, exhausted and stopped_by != "interrupted"
+
+    def _next_batch(self) -> int:
+        self.batch_no += 1
+        return self.batch_no
+
+    def _affordable(self, n: int) -> int:
+        """How many of n images the budget allows now; reserves their credits."""
+        with self._lock:
+            if self.budget > 0 and self.per_image > 0:
+                room = self.budget - self.spent - self.reserved
+                n = max(0, min(n, room // self.per_image))
+            self.reserved += n * self.per_image
+        return n
+
+    def _route(self, results: list[Ready | Refused], batch: list[Ready]) -> None:
+        s = self.summary
+        rejected: list[tuple[Item, str]] = []
+        unreadable: list[tuple[Item, str]] = []
+        reused: list[tuple[Item, str, str, str]] = []
+        for r in results:
+            if isinstance(r, Refused):
+                (unreadable if r.read_failed else rejected).append((r.item, r.reason))
+                continue
+            h = r.content_hash
+            if h is None or not self.reuse:
+                batch.append(r)
+                continue
+            with self._hash_lock:
+                copies = self.waiting.get(h)
+                if copies is not None:
+                    copies.append(r.item)
+                    continue
+                known = self.store.find_answer(h, self.request_sig)
+                if known is not None:
+                    reused.append((r.item, h, known[1], known[2]))
+                    continue
+                self.waiting[h] = []
+            batch.append(r)
+        name = self.job.name
+        self.store.mark_rejected(name, rejected, prep_sig=self.prep_sig, run_id=self.run_id)
+        self.store.mark_failed(name, unreadable, run_id=self.run_id)
+        self.store.mark_reused(name, reused, request_sig=self.request_sig, prep_sig=self.prep_sig,
+                               run_id=self.run_id, per_image=self.per_image)
+        if rejected or unreadable or reused:
+            with self._lock:
+                s.rejected += len(rejected)
+                for _, reason in rejected:
+                    key = reason.split(":")[0] if not reason.startswith("unsupported") else reason
+                    s.rejected_reasons[key] = s.rejected_reasons.get(key, 0) + 1
+                s.failed += len(unreadable)
+                s.reused += len(reused)
+                s.done += len(reused)
+                s.credits_saved += len(reused) * self.per_image
+            self._report()
+
+    # the sender (runs on the request threads)
+
+    def _send(self, batch_no: int, batch: list[Ready]) -> int:
+        job = self.job
+        reserved = len(batch) * self.per_image
+
+        def on_attempt(ids: Any, attempt: int) -> None:
+            self.store.record_attempt(job.name, self.run_id, batch_no, attempt, list(ids))
+            with self._lock:
+                self.summary.requests += 1
+
+        try:
+            outcomes = self.client.submit_batch([r.record for r in batch], on_attempt=on_attempt)
+            outcomes = self._retry_too_large(batch, outcomes, on_attempt)
+        except AuthError:
+            with self._lock:
+                self.reserved -= reserved
+            raise
+        by_id = {o.id: o for o in outcomes}
+        with self._hash_lock:
+            answers = []
+            for r in batch:
+                o = by_id.get(r.item.key) or RecordOutcome(r.item.key, ok=False,
+                                                           reason="no outcome for this record")
+                followers: tuple[Item, ...] = ()
+                if r.content_hash is not None and self.reuse:
+                    if o.final:
+                        followers = tuple(self.waiting.pop(r.content_hash, ()))
+                    else:
+                        self.waiting.pop(r.content_hash, None)  # its copies stay pending
+                answers.append(Answer(r.item, o, r.content_hash, followers))
+            credits = self.store.record_batch(job.name, self.run_id, batch_no, answers,
+                                              request_sig=self.request_sig,
+                                              prep_sig=self.prep_sig, per_image=self.per_image)
+        with self._lock:
+            self.reserved -= reserved
+            self.spent += credits
+            s = self.summary
+            s.credits += credits
+            for a in answers:
+                if not a.outcome.final:
+                    continue
+                s.sent += 1
+                n_follow = len(a.followers)
+                if a.outcome.ok:
+                    s.done += 1 + n_follow
+                    s.reused += n_follow
+                    s.credits_saved += n_follow * self.per_image
+                else:
+                    s.failed += 1 + n_follow
+        self._report()
+        return credits
+
+    def _retry_too_large(self, batch: list[Ready], outcomes: list[RecordOutcome],
+                         on_attempt: Callable[[Any, int], None]) -> list[RecordOutcome]:
+        """A record the API found too large is sent once more, downscaled, if max_side allows."""
+        if self.job.images.max_side <= 0 or not any(o.too_large for o in outcomes):
+            return outcomes
+        by_key = {r.item.key: r for r in batch}
+        again: list[RequestRecord] = []
+        for o in outcomes:
+            r = by_key.get(o.id)
+            if not o.too_large or r is None:
+                continue
+            side = max(r.width or 0, r.height or 0) or self.job.images.max_side
+            policy = replace(self.job.images, max_side=max(64, side // 2))
+            try:
+                data = sources.read_bytes(r.item, self.job.source)
+            except ReadError:
+                continue
+            smaller = images.prepare_image(data, policy)
+            if isinstance(smaller, PreparedImage):
+                again.append(RequestRecord(r.item.key, data=smaller.data, extra=r.item.extra))
+        if not again:
+            return outcomes
+        second = {o.id: o for o in self.client.submit_batch(again, on_attempt=on_attempt)}
+        return [second.get(o.id, o) for o in outcomes]
+
+
+def _credits_counter(details: dict[str, Any] | None) -> int | None:
+    if not details:
+        return None
+    value = details.get("credits_counter")
+    return int(value) if isinstance(value, int | float) else None
+
+
+def run_job(job: Job, options: RunOptions | None = None, *, stop: threading.Event | None = None,
+            progress: ProgressFn | None = None) -> Summary:
+    """Run a job to completion (or to its budget, limit or a stop); resumable by design."""
+    options = options or RunOptions()
+    stop = stop or threading.Event()
+    with run_lock(job.db_path), Store(job.db_path) as store, \
+            api_endpoint(job) as (endpoint_url, token):
+        client = ApiClient(endpoint_url, token, job.api, stop=stop)
+        try:
+            return _Run(job, store, client, options, stop, progress).execute()
+        finally:
+            client.close()
+
+
+# --- plan --------------------------------------------------------------------------------------
+
+def plan_job(job: Job, progress: ProgressFn | None = None) -> Summary:
+    """What `run` would do, nothing sent and nothing written: it reads and hashes new images."""
+    s = Summary(job=job.name, status="plan", budget=job.credits.budget)
+    started = time.monotonic()
+    sources.check_manifest(job.source)
+    db = job.db_path
+    store = Store(db, create=False) if db.exists() else Store(":memory:")
+    request_sig, prep_sig = job.request_signature(), prep_signature(job)
+    counters = {NEW: "new", CHANGED: "changed", CHANGED_REQUEST: "changed_request",
+                UNCHANGED: "unchanged", RESUMED: "resumed", RETRY: "retried",
+                KEPT_FAILED: "kept_failed"}
+    seen: set[str] = set()
+
+    def skipped(why: str) -> None:
+        s.skipped_rows += 1
+        log.warning("skipped: %s", why)
+
+    def settle(r: Ready | Refused) -> None:
+        if isinstance(r, Refused):
+            if r.read_failed:
+                s.failed += 1
+            else:
+                s.rejected += 1
+                s.rejected_reasons[r.reason] = s.rejected_reasons.get(r.reason, 0) + 1
+            return
+        h = r.content_hash
+        if h is not None and job.credits.reuse and (
+                h in seen or store.find_answer(h, request_sig) is not None):
+            s.reused += 1
+            s.credits_saved += job.credits.per_image
+            return
+        if h is not None:
+            seen.add(h)
+        s.sent += 1
+
+    workers = max(2, min(8, (os.cpu_count() or 2) + 2))
+    with store, ThreadPoolExecutor(workers, thread_name_prefix="plan") as pool:
+        inflight: set[Future[Ready | Refused]] = set()
+        for chunk in iter_chunks(sources.list_items(job.source, on_skip=skipped), LIST_CHUNK):
+            for x in store.classify(job.name, chunk, request_sig=request_sig, prep_sig=prep_sig,
+                                    run_id=None):
+                s.listed += 1
+                name = counters[x.kind]
+                setattr(s, name, getattr(s, name) + 1)
+                if x.kind in TO_SEND:
+                    inflight.add(pool.submit(prepare_item, job, x.item))
+                    if len(inflight) >= 4 * workers:
+                        done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+                        for f in done:
+                            settle(f.result())
+            if progress:
+                progress(s)
+        for f in inflight:
+            settle(f.result())
+    s.credits = s.sent * job.credits.per_image
+    s.elapsed_s = round(time.monotonic() - started, 3)
+    return s
