@@ -1,0 +1,128 @@
+"""The SQLite checkpoint: classification for resume, one transaction per batch, accountability."""
+
+import sqlite3
+
+from runner.records import Item, RecordOutcome
+from runner.store import (
+    CHANGED,
+    CHANGED_REQUEST,
+    KEPT_FAILED,
+    NEW,
+    RESUMED,
+    RETRY,
+    UNCHANGED,
+    Answer,
+    Store,
+)
+
+
+def item(key: str, fp: str = "10:1") -> Item:
+    return Item(key=key, uri=key, size=10, fingerprint=fp)
+
+
+def kinds(store, items, run_id=None, sig="req", prep="prep"):
+    return {x.item.key: x.kind
+            for x in store.classify("j", items, request_sig=sig, prep_sig=prep, run_id=run_id)}
+
+
+def answer(key, ok=True, h=None, followers=(), final=True, attempts=1):
+    rec = {"_id": key, "_status": {"code": 200 if ok else 400}}
+    return Answer(item(key), RecordOutcome(key, ok=ok, record=rec, reason=None if ok else "api 400",
+                                           final=final, attempts=attempts), h, tuple(followers))
+
+
+def test_schema_is_browsable_and_in_wal_mode(tmp_path):
+    with Store(tmp_path / "s.db") as s:
+        tables = {r[0] for r in s.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"items", "runs", "attempts"} <= tables
+        assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_only_a_recorded_answer_makes_an_image_done(tmp_path):
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        assert kinds(s, [item("a"), item("b")], run) == {"a": NEW, "b": NEW}
+        s.record_attempt("j", run, 1, 1, ["a", "b"])
+        # listed and sent, but no answer recorded: still to do on the next run
+        assert kinds(s, [item("a"), item("b")]) == {"a": RESUMED, "b": RESUMED}
+        credits = s.record_batch("j", run, 1, [answer("a"), answer("b", ok=False)],
+                                 request_sig="req", prep_sig="prep", per_image=10)
+        assert credits == 10
+        assert kinds(s, [item("a"), item("b")]) == {"a": UNCHANGED, "b": KEPT_FAILED}
+        assert s.counts("j")["done"] == 1 and s.counts("j")["failed"] == 1
+        assert s.spent("j") == 10
+
+
+def test_changed_fingerprint_or_request_sends_again(tmp_path):
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item("a")], run)
+        s.record_batch("j", run, 1, [answer("a")], request_sig="req", prep_sig="p", per_image=1)
+        assert kinds(s, [item("a", fp="11:2")]) == {"a": CHANGED}
+        assert kinds(s, [item("a")], sig="other") == {"a": CHANGED_REQUEST}
+
+
+def test_retry_puts_failed_back_to_pending(tmp_path):
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item("a"), item("b")], run)
+        s.record_batch("j", run, 1, [answer("a", ok=False), answer("b", ok=False)],
+                       request_sig="req", prep_sig="p", per_image=1)
+        assert s.retry_failed("j") == 2
+        assert kinds(s, [item("a")]) == {"a": RETRY}
+
+
+def test_unanswered_attempts_of_a_dead_run_are_named(tmp_path):
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item("a"), item("b")], run)
+        s.record_attempt("j", run, 7, 1, ["a", "b"])
+        # the process dies here; a later run starts
+        run2 = s.begin_run("j", pid=2, endpoint="e", budget=0)
+        assert s.run_row(run)["status"] == "crashed"
+        lost = s.unanswered("j", running_run=run2)
+        assert [u["keys"] for u in lost] == [["a", "b"]]
+
+
+def test_followers_share_the_answer_for_free(tmp_path):
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item("a"), item("copy")], run)
+        s.record_batch("j", run, 1, [answer("a", h="h1", followers=[item("copy")])],
+                       request_sig="req", prep_sig="p", per_image=10)
+        rows = {r["key"]: r for r in s.export_rows("j")}
+        assert rows["copy"]["state"] == "done" and rows["copy"]["credits"] == 0
+        assert rows["copy"]["reused_from"] == "a"
+        assert s.find_answer("h1", "req")[1] == "a"
+        assert s.find_answer("h1", "other-request") is None
+        assert s.run_row(run)["credits_saved"] == 10
+
+
+def test_not_final_outcome_leaves_the_image_pending(tmp_path):
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item("a")], run)
+        s.record_batch("j", run, 1, [answer("a", ok=False, final=False)], request_sig="req",
+                       prep_sig="p", per_image=10)
+        assert s.counts("j")["pending"] == 1
+
+
+def test_images_no_longer_listed_are_kept_and_flagged_missing(tmp_path):
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item("a"), item("b")], run)
+        run2 = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item("a")], run2)
+        assert s.mark_missing("j", run2) == 1
+        assert s.counts("j")["missing"] == 1
+
+
+def test_a_reader_sees_committed_batches_while_the_writer_runs(tmp_path):
+    db = tmp_path / "s.db"
+    with Store(db) as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item("a")], run)
+        s.record_batch("j", run, 1, [answer("a")], request_sig="req", prep_sig="p", per_image=1)
+        reader = sqlite3.connect(db)
+        assert reader.execute("SELECT state FROM items").fetchone()[0] == "done"
+        reader.close()
