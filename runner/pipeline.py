@@ -215,9 +215,8 @@ class _Run:
     def _listed(self) -> Iterator[Listed]:
         s = self.summary
 
-        def skipped(why: str) -> None:
+        def skipped(why: str) -> None:  # sources.py has logged the row and why
             s.skipped_rows += 1
-            log.warning("skipped: %s", why)
 
         counters = {NEW: "new", CHANGED: "changed", CHANGED_REQUEST: "changed_request",
                     UNCHANGED: "unchanged", RESUMED: "resumed", RETRY: "retried",
@@ -534,9 +533,8 @@ def plan_job(job: Job, progress: ProgressFn | None = None) -> Summary:
                 KEPT_FAILED: "kept_failed"}
     seen: set[str] = set()
 
-    def skipped(why: str) -> None:
+    def skipped(why: str) -> None:  # sources.py has logged the row and why
         s.skipped_rows += 1
-        log.warning("skipped: %s", why)
 
     def settle(r: Ready | Refused) -> None:
         if isinstance(r, Refused):
