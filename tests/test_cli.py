@@ -1,0 +1,298 @@
+"""End to end: the real CLI against the emulator over HTTP, with real files and a real database."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from runner.cli import main
+from runner.job import SandboxSettings
+from runner.sandbox import Sandbox
+
+TOKEN = "test-token"
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    runner = CliRunner()
+    return runner.invoke(main, list(args), env={"XIMILAR_TOKEN": TOKEN, **(env or {})},
+                         catch_exceptions=False)
+
+
+def write_job(tmp: Path, sb: Sandbox, src: Path | str, extra: str = "", name: str = "t",
+              api_extra: str = "") -> Path:
+    job = tmp / f"{name}.toml"
+    job.write_text(f'''
+name = "{name}"
+[source]
+paths = ["{src}"]
+exclude = ["*.md"]
+[api]
+endpoint = "{sb.endpoint_url()}"
+max_retries = 2
+{api_extra}
+[state]
+db = "state/{name}.db"
+{extra}
+''')
+    return job
+
+
+def jpeg(color: tuple[int, int, int], size=(64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def export(job: Path) -> dict[str, dict]:
+    res = invoke("export", str(job))
+    assert res.exit_code == 0, res.output
+    return {row["key"]: row for row in map(json.loads, res.output.splitlines())}
+
+
+def sent_ids(sb: Sandbox) -> list[str]:
+    return [e.record_id for e in sb.ledger()]
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        (d / f"card{i}.jpg").write_bytes(jpeg(color))
+    (d / "broken.jpg").write_bytes(b"not an image at all")
+    return d
+
+
+def test_sample_data_every_format_row_ends_in_the_right_state(tmp_path, sandbox, sample_data):
+    job = write_job(tmp_path, sandbox, sample_data)
+    res = invoke("run", str(job), "--json")
+    summary = json.loads(res.stdout)
+    rows = export(job)
+    assert res.exit_code == 0, res.output
+    by_name = {Path(k).name: r for k, r in rows.items()}
+    for name, row in by_name.items():
+        if name.startswith("reject_"):
+            assert row["state"] == "rejected", name
+            assert row["reason"].startswith("unsupported_format:"), row
+        elif name.startswith("broken_"):
+            assert row["state"] == "rejected", name
+            assert not row["reason"].startswith("unsupported_format"), row
+        else:
+            assert row["state"] == "done", (name, row)
+            assert row["result"]["_status"]["code"] == 200
+    # nothing rejected was ever sent, nothing rejected was billed
+    sent = set(sent_ids(sandbox))
+    assert not {k for k, r in rows.items() if r["state"] == "rejected"} & sent
+    assert all(r["credits"] == 0 for r in rows.values() if r["state"] == "rejected")
+    assert summary["rejected"] == sum(r["state"] == "rejected" for r in rows.values())
+
+
+def test_rerun_sends_nothing_that_is_done(tmp_path, sandbox, folder):
+    job = write_job(tmp_path, sandbox, folder)
+    first = invoke("run", str(job))
+    assert first.exit_code == 0, first.output
+    n = len(sandbox.ledger())
+    assert n == 3
+    second = invoke("run", str(job), "--json")
+    assert second.exit_code == 0
+    assert len(sandbox.ledger()) == n
+    s = json.loads(second.stdout)
+    assert s["unchanged"] == 4 and s["sent"] == 0 and s["credits"] == 0
+
+
+def test_changed_file_is_sent_again_and_plan_says_so(tmp_path, sandbox, folder):
+    job = write_job(tmp_path, sandbox, folder)
+    assert invoke("run", str(job)).exit_code == 0
+    (folder / "card0.jpg").write_bytes(jpeg((10, 10, 10), size=(80, 60)))
+    (folder / "new.jpg").write_bytes(jpeg((90, 90, 10)))
+    plan = json.loads(invoke("plan", str(job), "--json").stdout)
+    assert (plan["new"], plan["changed"], plan["unchanged"]) == (1, 1, 3)
+    assert plan["credits"] == 20
+    before = len(sandbox.ledger())
+    assert invoke("run", str(job)).exit_code == 0
+    assert len(sandbox.ledger()) == before + 2
+
+
+def test_changing_fields_sends_again(tmp_path, sandbox, folder):
+    job = write_job(tmp_path, sandbox, folder, api_extra='fields = { lang = "en" }')
+    assert invoke("run", str(job)).exit_code == 0
+    job2 = write_job(tmp_path, sandbox, folder, api_extra='fields = { lang = "de" }')
+    assert job2 == job
+    plan = json.loads(invoke("plan", str(job), "--json").stdout)
+    assert plan["changed_request"] == 3
+    assert invoke("run", str(job)).exit_code == 0
+    assert len(sandbox.ledger()) == 6
+
+
+def test_duplicates_are_sent_once_and_reused(tmp_path, sandbox, folder):
+    for i in range(3):
+        shutil.copy(folder / "card0.jpg", folder / f"sku-{i}.jpg")
+    job = write_job(tmp_path, sandbox, folder)
+    plan = json.loads(invoke("plan", str(job), "--json").stdout)
+    assert plan["sent"] == 3 and plan["reused"] == 3 and plan["credits"] == 30
+    res = invoke("run", str(job), "--json")
+    assert res.exit_code == 0
+    assert len(sandbox.ledger()) == 3
+    rows = export(job)
+    same = [r for k, r in rows.items() if "sku-" in k or k.endswith("card0.jpg")]
+    assert all(r["state"] == "done" for r in same)
+    paid = [r for r in same if r["credits"] == 10 and r["reused_from"] is None]
+    free = [r for r in same if r["credits"] == 0 and r["reused_from"] == paid[0]["key"]]
+    assert len(paid) == 1 and len(free) == 3
+    st = json.loads(invoke("status", str(job), "--json").stdout)
+    assert st["reused"] == 3 and st["credits"]["saved_by_reuse"] == 30
+
+
+def test_reuse_false_sends_every_copy(tmp_path, sandbox, folder):
+    shutil.copy(folder / "card0.jpg", folder / "sku.jpg")
+    job = write_job(tmp_path, sandbox, folder, extra="[credits]\nreuse = false")
+    assert invoke("run", str(job)).exit_code == 0
+    assert len(sandbox.ledger()) == 4
+
+
+@pytest.mark.parametrize("body,key", [
+    ("[api]\nbatch_size = 11", "api.batch_size"),
+    ("[images]\nsend = 'ftp'", "images.send"),
+    ("[credits]\nbudgett = 3", "credits.budgett"),
+])
+def test_bad_job_file_exits_2_naming_the_key_and_sends_nothing(tmp_path, sandbox, folder, body,
+                                                               key):
+    job = tmp_path / "bad.toml"
+    job.write_text(f'name = "b"\n[source]\npaths = ["{folder}"]\n{body}\n')
+    res = invoke("run", str(job))
+    assert res.exit_code == 2
+    assert key in res.output
+    assert sandbox.ledger() == []
+    assert not (tmp_path / "state").exists()
+
+
+def test_missing_token_variable_exits_2(tmp_path, folder):
+    job = tmp_path / "j.toml"
+    job.write_text(f'name = "j"\n[source]\npaths = ["{folder}"]\n[api]\n'
+                   'endpoint = "http://127.0.0.1:9/x"\ntoken_env = "NO_SUCH_VAR_XR"\n')
+    res = invoke("run", str(job))
+    assert res.exit_code == 2 and "NO_SUCH_VAR_XR" in res.output
+
+
+def test_refused_token_exits_5_and_never_prints_it(tmp_path, sandbox, folder):
+    job = write_job(tmp_path, sandbox, folder)
+    secret = "wrong-secret-value-123"
+    res = invoke("run", str(job), env={"XIMILAR_TOKEN": secret})
+    assert res.exit_code == 5
+    assert "token" in res.output.lower()
+    assert secret not in res.output
+    db = (tmp_path / "state" / "t.db").read_bytes()
+    assert secret.encode() not in db
+
+
+def test_refused_records_fail_and_exit_1(tmp_path, folder):
+    with Sandbox(SandboxSettings(token=TOKEN, prefuse=1.0)) as sb:
+        job = write_job(tmp_path, sb, folder)
+        res = invoke("run", str(job))
+        assert res.exit_code == 1, res.output
+        rows = export(job)
+        failed = [r for r in rows.values() if r["state"] == "failed"]
+        assert len(failed) == 3 and all("400" in r["reason"] for r in failed)
+        # a rerun does not resend failed images; retry puts them back
+        assert invoke("run", str(job)).exit_code == 1
+        assert len(sb.ledger()) == 3
+        assert "3 failed" in invoke("retry", str(job)).output
+    with Sandbox(SandboxSettings(token=TOKEN)) as sb2:
+        job = write_job(tmp_path, sb2, folder)
+        assert invoke("run", str(job)).exit_code == 0
+        assert len(sb2.ledger()) == 3
+
+
+def test_budget_stops_with_exit_3_and_the_next_run_continues(tmp_path, sandbox, folder):
+    for i in range(7):
+        (folder / f"more{i}.jpg").write_bytes(jpeg((i * 30, 100, 50)))
+    job = write_job(tmp_path, sandbox, folder, api_extra="batch_size = 4",
+                    extra="[credits]\nbudget = 50")
+    res = invoke("run", str(job), "--json")
+    assert res.exit_code == 3, res.output
+    s = json.loads(res.stdout)
+    assert s["credits"] <= 50 and s["pending"] > 0
+    st = json.loads(invoke("status", str(job), "--json").stdout)
+    assert st["credits"]["recorded"] <= 50
+    assert sum(e.billed for e in sandbox.ledger()) * 10 <= 50
+    res = invoke("run", str(job), "--budget", "1000")
+    assert res.exit_code == 0, res.output
+    st = json.loads(invoke("status", str(job), "--json").stdout)
+    assert st["states"]["done"] == 10 and st["states"]["pending"] == 0
+
+
+def test_limit_stops_with_exit_3(tmp_path, sandbox, folder):
+    job = write_job(tmp_path, sandbox, folder)
+    res = invoke("run", str(job), "--limit", "2", "--json")
+    assert res.exit_code == 3, res.output
+    assert json.loads(res.stdout)["pending"] == 2
+    assert invoke("run", str(job)).exit_code == 0
+
+
+def test_second_run_of_the_same_database_exits_75(tmp_path, sandbox, folder):
+    job = write_job(tmp_path, sandbox, folder)
+    lock = tmp_path / "state" / "t.db.lock"
+    lock.parent.mkdir()
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"4242")
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        res = invoke("run", str(job))
+        assert res.exit_code == 75
+        assert "4242" in res.output
+    finally:
+        os.close(fd)
+    assert sandbox.ledger() == []
+
+
+def test_status_and_export_formats(tmp_path, sandbox, folder):
+    job = write_job(tmp_path, sandbox, folder)
+    invoke("run", str(job))
+    st = json.loads(invoke("status", str(job), "--json").stdout)
+    assert st["states"] == {"pending": 0, "done": 3, "failed": 0, "rejected": 1}
+    assert st["credits"]["recorded"] == 30
+    assert st["runs"][0]["status"] == "finished"
+    assert st["possibly_billed_without_answer"] == []
+    text = invoke("status", str(job)).output
+    assert "done" in text and "recent runs" in text
+    out = tmp_path / "out.csv"
+    assert invoke("export", str(job), "--format", "csv", "-o", str(out)).exit_code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 4
+    assert {r["state"] for r in rows} == {"done", "rejected"}
+    done = [r for r in rows if r["state"] == "done"]
+    assert json.loads(done[0]["result"])["_status"]["code"] == 200
+    rejected = invoke("export", str(job), "--state", "rejected").output.splitlines()
+    assert len(rejected) == 1 and json.loads(rejected[0])["reason"] == "not_an_image"
+
+
+def test_check_prints_a_verdict_per_file(sample_data):
+    files = sorted(str(p) for p in sample_data.iterdir() if p.suffix != ".md")
+    res = invoke("check", *files, "--json")
+    verdicts = [json.loads(line) for line in res.output.splitlines()]
+    assert len(verdicts) == len(files)
+    assert res.exit_code == 1  # the sample data has rejected files
+    for v in verdicts:
+        name = Path(v["file"]).name
+        if name.startswith(("reject_", "broken_")):
+            assert v["action"] == "reject", v
+        else:
+            assert v["action"] in ("accept", "convert"), v
+
+
+def test_demo_job_runs_against_the_embedded_sandbox(tmp_path, sample_data):
+    job = tmp_path / "demo.toml"
+    job.write_text(f'name = "demo"\n[source]\npaths = ["{sample_data}"]\nexclude = ["*.md"]\n'
+                   '[api]\nendpoint = "sandbox"\n[state]\ndb = "demo.db"\n')
+    res = invoke("run", str(job), env={"XIMILAR_TOKEN": ""})
+    assert res.exit_code == 0, res.output
+    assert "finished" in res.output
