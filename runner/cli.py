@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -240,6 +241,14 @@ def _open_store(job: Job) -> Any:
     return open_readonly(job.db_path)
 
 
+def _shown_path(path: Path) -> str:
+    """Relative to the working directory when below it: shorter, and the same on every machine."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def status_report(job: Job) -> dict[str, Any]:
     """The figures `ximrun status` shows; also usable from Python."""
     store = _open_store(job)
@@ -256,7 +265,7 @@ def status_report(job: Job) -> dict[str, Any]:
         account_diff = last["account_after"] - last["account_before"]
     return {
         "job": job.name,
-        "db": str(job.db_path),
+        "db": _shown_path(job.db_path),
         "states": {s: counts[s] for s in STATES},
         "missing": counts["missing"],
         "reused": counts["reused"],
