@@ -424,8 +424,12 @@ class _Run:
         job = self.job
         reserved = len(batch) * self.per_image
 
+        requests = 0  # numbered per batch, across the downscaled resend too
+
         def on_attempt(ids: Any, attempt: int) -> None:
-            self.store.record_attempt(job.name, self.run_id, batch_no, attempt, list(ids))
+            nonlocal requests
+            requests += 1
+            self.store.record_attempt(job.name, self.run_id, batch_no, requests, list(ids))
             with self._lock:
                 self.summary.requests += 1
 
