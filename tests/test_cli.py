@@ -37,7 +37,7 @@ paths = ["{src}"]
 exclude = ["*.md"]
 [api]
 endpoint = "{sb.endpoint_url()}"
-max_retries = 2
+{"" if "max_retries" in api_extra else "max_retries = 2"}
 {api_extra}
 [state]
 db = "state/{name}.db"
