@@ -93,6 +93,10 @@ class Summary:
 
 
 ProgressFn = Callable[[Summary], None]
+# Which Summary counter each classification of a listed image adds to.
+KIND_COUNTERS = {NEW: "new", CHANGED: "changed", CHANGED_REQUEST: "changed_request",
+                 UNCHANGED: "unchanged", RESUMED: "resumed", RETRY: "retried",
+                 KEPT_FAILED: "kept_failed"}
 
 
 # --- preparation (runs on the preparation threads) ---------------------------------------------
@@ -218,16 +222,13 @@ class _Run:
         def skipped(why: str) -> None:  # sources.py has logged the row and why
             s.skipped_rows += 1
 
-        counters = {NEW: "new", CHANGED: "changed", CHANGED_REQUEST: "changed_request",
-                    UNCHANGED: "unchanged", RESUMED: "resumed", RETRY: "retried",
-                    KEPT_FAILED: "kept_failed"}
         for chunk in iter_chunks(sources.list_items(self.job.source, on_skip=skipped), LIST_CHUNK):
             listed = self.store.classify(self.job.name, chunk, request_sig=self.request_sig,
                                          prep_sig=self.prep_sig, run_id=self.run_id)
             with self._lock:
                 s.listed += len(listed)
                 for x in listed:
-                    name = counters[x.kind]
+                    name = KIND_COUNTERS[x.kind]
                     setattr(s, name, getattr(s, name) + 1)
             self._report()
             for x in listed:
@@ -532,9 +533,6 @@ def plan_job(job: Job, progress: ProgressFn | None = None) -> Summary:
     db = job.db_path
     store = Store(db, create=False) if db.exists() else Store(":memory:")
     request_sig, prep_sig = job.request_signature(), prep_signature(job)
-    counters = {NEW: "new", CHANGED: "changed", CHANGED_REQUEST: "changed_request",
-                UNCHANGED: "unchanged", RESUMED: "resumed", RETRY: "retried",
-                KEPT_FAILED: "kept_failed"}
     seen: set[str] = set()
 
     def skipped(why: str) -> None:  # sources.py has logged the row and why
@@ -565,7 +563,7 @@ def plan_job(job: Job, progress: ProgressFn | None = None) -> Summary:
             for x in store.classify(job.name, chunk, request_sig=request_sig, prep_sig=prep_sig,
                                     run_id=None):
                 s.listed += 1
-                name = counters[x.kind]
+                name = KIND_COUNTERS[x.kind]
                 setattr(s, name, getattr(s, name) + 1)
                 if x.kind in TO_SEND:
                     inflight.add(pool.submit(prepare_item, job, x.item))
