@@ -419,12 +419,33 @@ def check(files: tuple[str, ...], job_file: str | None, as_json: bool) -> None:
     sys.exit(EXIT_FAILED if any_rejected else EXIT_OK)
 
 
+SANDBOX_HELP = {
+    "latency_ms": "Delay before every answer.",
+    "jitter_ms": "Extra random delay, up to this much.",
+    "p429": "Probability of a 429 with Retry-After.",
+    "retry_after_s": "The Retry-After of those 429s.",
+    "p500": "Probability of a 500 (nothing processed).",
+    "p502": "Probability of a proxy's 502 with an HTML body.",
+    "pdrop": "Probability that a processed, billed request's answer is lost (connection dropped).",
+    "prefuse": "Share of image contents refused per record (400), always the same ones.",
+    "precord_retry": "Probability of a retryable per-record 500/503.",
+    "rate_limit_rps": "Requests per second before 429s (0: no limit).",
+    "credits": "The account's credit limit.",
+    "credits_per_record": "What one answered record costs.",
+    "max_records": "Records per request at most.",
+    "max_image_bytes": "Larger images get a per-record 413 (0: no limit).",
+    "token": "The only token accepted (default: any).",
+    "seed": "Seed of the random faults, so a run can be replayed.",
+}
+
+
 def _sandbox_options(f: Any) -> Any:
     """One --flag per SandboxSettings field, so the CLI and the [sandbox] table never drift."""
     for fld in reversed(dataclasses.fields(SandboxSettings)):
         opt = "--" + fld.name.replace("_", "-")
         kind = {"float": float, "int": int}.get(str(fld.type), str)
-        f = click.option(opt, fld.name, type=kind, default=fld.default, show_default=True)(f)
+        f = click.option(opt, fld.name, type=kind, default=fld.default, show_default=True,
+                         help=SANDBOX_HELP.get(fld.name))(f)
     return f
 
 
