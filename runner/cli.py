@@ -164,14 +164,15 @@ def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_
     if dry_run:
         _plan(job_file, as_json)
         return
+    # Before the slow imports: a stop that comes meanwhile is a clean exit 4, not a traceback.
+    stop = threading.Event()
+    _install_signals(stop)
     job = _load(job_file)
     if dask_address:
         job = dataclasses.replace(
             job, executor=dataclasses.replace(job.executor, kind="dask", address=dask_address))
     from runner.pipeline import RunOptions, run_job
 
-    stop = threading.Event()
-    _install_signals(stop)
     progress = _Progress(enabled=not quiet)
     try:
         summary = run_job(job, RunOptions(limit=limit, budget=budget), stop=stop,

@@ -313,7 +313,12 @@ def parse_job(text: str, path: Path, env: Mapping[str, str] | None = None, *,
     if api.endpoint != SANDBOX:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api.token_env):
             raise JobError(f"api.token_env: {api.token_env!r} is not a variable name")
-        token = env.get(api.token_env) or None
+        # A secret file's trailing newline is not part of the token; whatever else cannot travel
+        # in an HTTP header is refused here, before an HTTP library echoes it into an error.
+        token = (env.get(api.token_env) or "").strip() or None
+        if token is not None and not re.fullmatch(r"[\x21-\x7e]+", token):
+            raise JobError(f"api.token_env: the token in {api.token_env} has spaces, control or "
+                           "non-ASCII characters (not shown here)")
         if token is None and require_token:
             raise JobError(
                 f"api.token_env: the variable {api.token_env} is not set "

@@ -16,15 +16,15 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from runner import images, sources
-from runner.client import ApiClient
-from runner.errors import AuthError, LockedError, ReadError
+from runner.client import ApiClient, AttemptFn
+from runner.errors import AuthError, LockedError, ReadError, SourceError
 from runner.job import Job
 from runner.records import Item, PreparedImage, RecordOutcome, RequestRecord
 from runner.store import (
@@ -150,6 +150,36 @@ def prep_signature(job: Job) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
+# --- sending (runs on the request threads, or on a Dask worker) --------------------------------
+
+def submit_prepared(job: Job, client: ApiClient, batch: Sequence[Ready],
+                    on_attempt: AttemptFn) -> list[RecordOutcome]:
+    """Send one batch; a record the API found too large goes once more, downscaled, if max_side
+    allows. `on_attempt` runs before every request; raises AuthError."""
+    outcomes = client.submit_batch([r.record for r in batch], on_attempt=on_attempt)
+    if job.images.max_side <= 0 or not any(o.too_large for o in outcomes):
+        return outcomes
+    by_key = {r.item.key: r for r in batch}
+    again: list[RequestRecord] = []
+    for o in outcomes:
+        r = by_key.get(o.id)
+        if not o.too_large or r is None:
+            continue
+        side = max(r.width or 0, r.height or 0) or job.images.max_side
+        policy = replace(job.images, max_side=max(64, side // 2))
+        try:
+            data = sources.read_bytes(r.item, job.source)
+        except ReadError:
+            continue
+        smaller = images.prepare_image(data, policy)
+        if isinstance(smaller, PreparedImage):
+            again.append(RequestRecord(r.item.key, data=smaller.data, extra=r.item.extra))
+    if not again:
+        return outcomes
+    second = {o.id: o for o in client.submit_batch(again, on_attempt=on_attempt)}
+    return [second.get(o.id, o) for o in outcomes]
+
+
 # --- the run lock ------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -167,8 +197,9 @@ def run_lock(db_path: Path) -> Iterator[None]:
             raise LockedError(
                 f"another run of {db_path.name} is in progress"
                 + (f" (pid {pid})" if pid else ""), pid=pid) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        # One fixed-width write over the last holder's pid: a run that reads it never sees it empty.
+        os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)
+        os.ftruncate(fd, 21)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
@@ -257,6 +288,11 @@ class _Run:
             stopped_by, listing_complete = self._coordinate()
         except AuthError as exc:
             self.auth_error = exc
+        except SourceError:
+            # A refused source ends the run (exit 2): it must not stay "running" in the database.
+            s.status, s.exit_code = "source_refused", 2
+            self.store.finish_run(self.run_id, status=s.status, exit_code=s.exit_code)
+            raise
         finally:
             s.elapsed_s = round(time.monotonic() - started, 3)
         if self.auth_error is not None:
@@ -298,16 +334,17 @@ class _Run:
         prep_inflight: set[Future[Ready | Refused]] = set()
         send_inflight: set[Future[int]] = set()
         limit = self.options.limit
+        last_beat = time.monotonic()
 
         with ThreadPoolExecutor(prep_workers, thread_name_prefix="prep") as prep_pool, \
                 ThreadPoolExecutor(job.api.concurrency, thread_name_prefix="send") as send_pool:
             while True:
-                if self.auth_error is not None:
-                    stopped_by = "auth"
-                elif self.stop.is_set() and stopped_by is None:
-                    stopped_by = "interrupted"
-                # 1. take up listed images while the preparation window has room
-                while stopped_by is None and not intake_done and len(prep_inflight) < prep_window:
+                stopped_by = self._stop_reason(stopped_by)
+                # 1. take up listed images while the preparation window has room; prepared images
+                # waiting for a batch count too, or a slow API would let every image's bytes pile
+                # up in memory
+                while (stopped_by is None and not intake_done
+                       and len(prep_inflight) + len(batch) < prep_window):
                     if limit is not None and taken >= limit:
                         intake_done = limited = True
                         break
@@ -345,6 +382,10 @@ class _Run:
                     wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 else:
                     self.stop.wait(0.05)
+                if time.monotonic() - last_beat >= 0.5:
+                    # A heartbeat: the progress (and cron's log lines) go on while requests hang.
+                    last_beat = time.monotonic()
+                    self._report()
                 for f in [f for f in send_inflight if f.done()]:
                     send_inflight.discard(f)
                     try:
@@ -354,6 +395,19 @@ class _Run:
                         self.stop.set()  # the other requests in flight stop retrying
             for f in prep_inflight:
                 f.cancel()
+        return self._wind_up(listing, stopped_by, limited, exhausted)
+
+    def _stop_reason(self, stopped_by: str | None) -> str | None:
+        """Nothing more is sent after a refused token ("auth") or a signal ("interrupted")."""
+        if self.auth_error is not None:
+            return "auth"
+        if self.stop.is_set() and stopped_by is None:
+            return "interrupted"
+        return stopped_by
+
+    def _wind_up(self, listing: Iterator[Listed], stopped_by: str | None, limited: bool,
+                 exhausted: bool) -> tuple[str | None, bool]:
+        """After the last batch: (why the run stopped early or None, whether it saw everything)."""
         if stopped_by == "auth":
             raise self.auth_error  # type: ignore[misc]
         if stopped_by is None and limited and next(listing, None) is not None:
@@ -422,25 +476,35 @@ class _Run:
     # the sender (runs on the request threads)
 
     def _send(self, batch_no: int, batch: list[Ready]) -> int:
-        job = self.job
-        reserved = len(batch) * self.per_image
-
         requests = 0  # numbered per batch, across the downscaled resend too
 
         def on_attempt(ids: Any, attempt: int) -> None:
             nonlocal requests
             requests += 1
-            self.store.record_attempt(job.name, self.run_id, batch_no, requests, list(ids))
-            with self._lock:
-                self.summary.requests += 1
+            self._record_attempt(batch_no, requests, ids)
 
         try:
-            outcomes = self.client.submit_batch([r.record for r in batch], on_attempt=on_attempt)
-            outcomes = self._retry_too_large(batch, outcomes, on_attempt)
+            outcomes = submit_prepared(self.job, self.client, batch, on_attempt)
         except AuthError:
-            with self._lock:
-                self.reserved -= reserved
+            self._unreserve(len(batch))
             raise
+        return self._record_answers(batch_no, batch, outcomes)
+
+    def _record_attempt(self, batch_no: int, attempt: int, ids: Sequence[str]) -> None:
+        """Before a request leaves: the accountability row for the money it may cost."""
+        self.store.record_attempt(self.job.name, self.run_id, batch_no, attempt, list(ids))
+        with self._lock:
+            self.summary.requests += 1
+
+    def _unreserve(self, n: int) -> None:
+        with self._lock:
+            self.reserved -= n * self.per_image
+
+    def _record_answers(self, batch_no: int, batch: Sequence[Ready],
+                        outcomes: Sequence[RecordOutcome]) -> int:
+        """Commit a sent batch's outcomes and its waiting copies; release its reservation."""
+        job = self.job
+        reserved = len(batch) * self.per_image
         by_id = {o.id: o for o in outcomes}
         with self._hash_lock:
             answers = []
@@ -476,31 +540,6 @@ class _Run:
         self._report()
         return credits
 
-    def _retry_too_large(self, batch: list[Ready], outcomes: list[RecordOutcome],
-                         on_attempt: Callable[[Any, int], None]) -> list[RecordOutcome]:
-        """A record the API found too large is sent once more, downscaled, if max_side allows."""
-        if self.job.images.max_side <= 0 or not any(o.too_large for o in outcomes):
-            return outcomes
-        by_key = {r.item.key: r for r in batch}
-        again: list[RequestRecord] = []
-        for o in outcomes:
-            r = by_key.get(o.id)
-            if not o.too_large or r is None:
-                continue
-            side = max(r.width or 0, r.height or 0) or self.job.images.max_side
-            policy = replace(self.job.images, max_side=max(64, side // 2))
-            try:
-                data = sources.read_bytes(r.item, self.job.source)
-            except ReadError:
-                continue
-            smaller = images.prepare_image(data, policy)
-            if isinstance(smaller, PreparedImage):
-                again.append(RequestRecord(r.item.key, data=smaller.data, extra=r.item.extra))
-        if not again:
-            return outcomes
-        second = {o.id: o for o in self.client.submit_batch(again, on_attempt=on_attempt)}
-        return [second.get(o.id, o) for o in outcomes]
-
 
 def _credits_counter(details: dict[str, Any] | None) -> int | None:
     if not details:
@@ -514,11 +553,18 @@ def run_job(job: Job, options: RunOptions | None = None, *, stop: threading.Even
     """Run a job to completion (or to its budget, limit or a stop); resumable by design."""
     options = options or RunOptions()
     stop = stop or threading.Event()
+    run_class = _Run
+    if job.executor.kind == "dask":
+        from runner.dask_executor import DaskRun  # JobError without the optional `distributed`
+
+        run_class = DaskRun
     with run_lock(job.db_path), Store(job.db_path) as store, \
             api_endpoint(job) as (endpoint_url, token):
         client = ApiClient(endpoint_url, token, job.api, stop=stop)
+        if run_class is not _Run:
+            job = replace(job, token=token)  # workers use the same token (the sandbox's, too)
         try:
-            return _Run(job, store, client, options, stop, progress).execute()
+            return run_class(job, store, client, options, stop, progress).execute()
         finally:
             client.close()
 

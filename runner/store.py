@@ -226,8 +226,9 @@ class Store:
                 "INSERT INTO items (job, key, uri, size, fingerprint, state, first_seen, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT (job, key) DO UPDATE SET "
                 "uri = excluded.uri, size = excluded.size, fingerprint = excluded.fingerprint, "
-                "state = 'pending', reason = NULL, result = NULL, reused_from = NULL, "
-                "request_sig = NULL, updated_at = excluded.updated_at", to_pending)
+                # The previous answer stays with its content hash and request signature: if the
+                # bytes turn out unchanged (a touched file), find_answer reuses it for free.
+                "state = 'pending', reason = NULL, updated_at = excluded.updated_at", to_pending)
             for i in range(0, len(keys), 500):
                 part = keys[i:i + 500]
                 c.execute(f"UPDATE items SET listed_run = ?, missing = 0 WHERE job = ? AND key IN "
@@ -268,11 +269,16 @@ class Store:
             c.execute("UPDATE runs SET failed = failed + ? WHERE id = ?", (len(failed), run_id))
 
     def find_answer(self, content_hash: str, request_sig: str) -> tuple[str, str, str] | None:
-        """An answer already paid for these bytes and this request, in any job: (job, key, result)."""
+        """An answer already paid for these bytes and this request, in any job: (job, key, result).
+
+        The image that paid is preferred; once it changed, a copy that reused its answer still
+        holds it; and an image listed again as changed keeps its last answer until it is sent,
+        so a touched file whose bytes did not change is not paid for again."""
         with self._lock:
             row = self.conn.execute(
                 "SELECT job, key, result FROM items WHERE content_hash = ? AND request_sig = ? "
-                "AND state = 'done' AND reused_from IS NULL LIMIT 1",
+                "AND result IS NOT NULL AND state IN ('done', 'pending') "
+                "ORDER BY state != 'done', reused_from IS NOT NULL LIMIT 1",
                 (content_hash, request_sig)).fetchone()
         return (row["job"], row["key"], row["result"]) if row else None
 
@@ -346,7 +352,8 @@ class Store:
                                   [(a.item.key, job, f.key) for f in a.followers])
             c.executemany(
                 "UPDATE items SET state = 'failed', reason = ?, result = ?, content_hash = ?, "
-                "sends = sends + ?, updated_at = ? WHERE job = ? AND key = ?", rows_failed)
+                "request_sig = NULL, sends = sends + ?, updated_at = ? WHERE job = ? AND key = ?",
+                rows_failed)
             c.executemany("UPDATE items SET sends = sends + ?, updated_at = ? "
                           "WHERE job = ? AND key = ?", rows_sends)
             c.execute("UPDATE attempts SET closed_at = ? WHERE run_id = ? AND batch = ? "
@@ -436,7 +443,9 @@ class Store:
         try:
             for row in conn.execute(q, args):
                 d = dict(row)
-                d["result"] = json.loads(d["result"]) if d["result"] else None
+                # A pending image's previous answer is kept for reuse, but it is not its answer.
+                pending = d["state"] == "pending"
+                d["result"] = json.loads(d["result"]) if d["result"] and not pending else None
                 d["missing"] = bool(d["missing"])
                 yield d
         finally:

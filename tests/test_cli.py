@@ -296,3 +296,18 @@ def test_demo_job_runs_against_the_embedded_sandbox(tmp_path, sample_data):
     res = invoke("run", str(job), env={"XIMILAR_TOKEN": ""})
     assert res.exit_code == 0, res.output
     assert "finished" in res.output
+
+
+def test_touched_file_with_the_same_bytes_is_not_paid_again(tmp_path, sandbox, folder):
+    job = write_job(tmp_path, sandbox, folder)
+    assert invoke("run", str(job)).exit_code == 0
+    p = folder / "card1.jpg"
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    plan = json.loads(invoke("plan", str(job), "--json").stdout)
+    assert plan["changed"] == 1 and plan["credits"] == 0 and plan["reused"] == 1
+    res = invoke("run", str(job), "--json")
+    assert res.exit_code == 0
+    assert len(sandbox.ledger()) == 3
+    row = export(job)[str(p)]
+    assert row["state"] == "done" and row["result"]["_status"]["code"] == 200

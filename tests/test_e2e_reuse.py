@@ -1,0 +1,241 @@
+"""End to end: never pay twice for the same pixels. The real CLI against the emulator over HTTP,
+local folders and moto's S3 server; the emulator's ledger says what was really sent."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from runner.cli import main
+from runner.sandbox import Sandbox
+
+TOKEN = "test-token"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), env={"XIMILAR_TOKEN": TOKEN},
+                              catch_exceptions=False)
+
+
+def jpeg(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_job(tmp: Path, sb: Sandbox, paths: list[str], *, name: str = "r", db: str = "state.db",
+              bucket=None, path: str | None = None, extra: str = "") -> Path:
+    """A job file; jobs written with the same `db` share one state database."""
+    options = ""
+    if bucket is not None:
+        options = "[source.storage_options]\n" + "\n".join(
+            f"{k} = {json.dumps(v)}" for k, v in bucket.storage_options.items())
+    endpoint = sb.endpoint_url(path) if path else sb.endpoint_url()
+    job = tmp / f"{name}.toml"
+    job.write_text(f'name = "{name}"\n[source]\npaths = {json.dumps(paths)}\n{options}\n'
+                   f'[api]\nendpoint = "{endpoint}"\nmax_retries = 2\n'
+                   f'[state]\ndb = "{db}"\n{extra}\n')
+    return job
+
+
+def run_json(job: Path) -> dict:
+    res = invoke("run", str(job), "--json")
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def plan_json(job: Path) -> dict:
+    res = invoke("plan", str(job), "--json")
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def export(job: Path) -> dict[str, dict]:
+    res = invoke("export", str(job))
+    assert res.exit_code == 0, res.output
+    return {row["key"]: row for row in map(json.loads, res.output.splitlines())}
+
+
+def status(job: Path) -> dict:
+    return json.loads(invoke("status", str(job), "--json").stdout)
+
+
+RED, GREEN, BLUE, GREY = (jpeg(c) for c in [(200, 20, 20), (20, 200, 20), (20, 20, 200),
+                                            (90, 90, 90)])
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Three distinct images, one of them also under two more names."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name, data in [("red.jpg", RED), ("red copy.jpg", RED), ("sub/red-sku.jpg", RED),
+                       ("green.jpg", GREEN), ("blue.jpg", BLUE)]:
+        (d / name).parent.mkdir(exist_ok=True)
+        (d / name).write_bytes(data)
+    return d
+
+
+def test_one_request_record_per_distinct_content_across_a_folder_and_s3(tmp_path, sandbox,
+                                                                        folder, s3_bucket):
+    s3_bucket.put_many({"x/red.jpg": RED, "x/blue again.jpg": BLUE, "x/grey.jpg": GREY})
+    job = write_job(tmp_path, sandbox, [str(folder), s3_bucket.url("x/")], bucket=s3_bucket)
+
+    plan = plan_json(job)
+    s = run_json(job)
+
+    ledger = sandbox.ledger()
+    assert Counter(e.content_sha256 for e in ledger) == Counter(
+        {_sha(RED): 1, _sha(GREEN): 1, _sha(BLUE): 1, _sha(GREY): 1})
+    assert (s["listed"], s["sent"], s["done"], s["reused"]) == (8, 4, 8, 4)
+    assert s["credits"] == plan["credits"] == 40 and s["credits_saved"] == 40
+    rows = export(job)
+    for content in (RED, BLUE):
+        copies = [r for r in rows.values() if r["content_hash"] == _sha(content)]
+        paid = [r for r in copies if r["reused_from"] is None]
+        assert len(paid) == 1 and paid[0]["credits"] == 10
+        assert all(r["state"] == "done" and r["credits"] == 0 and r["reused_from"] == paid[0]["key"]
+                   and r["result"] == paid[0]["result"] for r in copies if r is not paid[0])
+    st = status(job)
+    assert st["reused"] == 4
+    assert (st["credits"]["recorded"], st["credits"]["saved_by_reuse"]) == (40, 40)
+
+
+def test_a_second_job_on_the_same_database_sends_nothing_for_known_bytes(tmp_path, sandbox,
+                                                                         folder):
+    first = write_job(tmp_path, sandbox, [str(folder)], name="first")
+    run_json(first)
+    sent_before = len(sandbox.ledger())
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(folder / "red.jpg", other / "r.jpg")
+    shutil.copy(folder / "blue.jpg", other / "b.jpg")
+    (other / "grey.jpg").write_bytes(GREY)
+    second = write_job(tmp_path, sandbox, [str(other)], name="second")
+
+    plan = plan_json(second)
+    s = run_json(second)
+
+    assert (plan["reused"], plan["sent"], plan["credits"]) == (2, 1, 10)
+    assert [e.content_sha256 for e in sandbox.ledger()[sent_before:]] == [_sha(GREY)]
+    assert (s["reused"], s["credits"], s["credits_saved"]) == (2, 10, 20)
+    paid_red = [k for k, r in export(first).items()
+                if r["content_hash"] == _sha(RED) and r["reused_from"] is None]
+    r_jpg = export(second)[str(other / "r.jpg")]
+    assert r_jpg["reused_from"] == paid_red[0] and r_jpg["credits"] == 0
+    st = status(second)
+    assert st["reused"] == 2
+    assert st["credits"]["recorded"] == 10 and st["credits"]["saved_by_reuse"] == 20
+    assert status(first)["credits"]["recorded"] == 30  # the first job's figures are its own
+
+
+@pytest.mark.parametrize("change", [
+    {"path": "collectibles/v2/sport_id"},
+    {"extra": '[api.fields]\nlang = "de"'},
+], ids=["endpoint path", "fields"])
+def test_another_request_sends_known_bytes_again(tmp_path, sandbox, folder, change):
+    run_json(write_job(tmp_path, sandbox, [str(folder)], name="first"))
+    assert len(sandbox.ledger()) == 3
+    second = write_job(tmp_path, sandbox, [str(folder)], name="second", **change)
+
+    assert plan_json(second)["credits"] == 30
+    s = run_json(second)
+
+    assert (s["sent"], s["reused"], s["credits"]) == (3, 2, 30)  # in-run copies are still reused
+    assert Counter(e.content_sha256 for e in sandbox.ledger()[3:]) == Counter(
+        {_sha(RED): 1, _sha(GREEN): 1, _sha(BLUE): 1})
+
+
+def test_reuse_false_sends_every_copy_local_and_s3(tmp_path, sandbox, folder, s3_bucket):
+    s3_bucket.put("x/red.jpg", RED)
+    job = write_job(tmp_path, sandbox, [str(folder), s3_bucket.url("x/")], bucket=s3_bucket,
+                    extra="[credits]\nreuse = false")
+
+    plan = plan_json(job)
+    s = run_json(job)
+
+    assert Counter(e.content_sha256 for e in sandbox.ledger())[_sha(RED)] == 4
+    assert len(sandbox.ledger()) == 6
+    assert s["credits"] == plan["credits"] == 60 and s["reused"] == 0
+    assert all(r["reused_from"] is None and r["credits"] == 10 for r in export(job).values())
+
+
+def test_plan_credits_are_what_the_run_charges(tmp_path, sandbox, folder, sample_data):
+    run_json(write_job(tmp_path, sandbox, [str(folder / "green.jpg")], name="earlier"))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i in range(4):  # new
+        (mixed / f"new{i}.jpg").write_bytes(jpeg((i * 50, 100, 100)))
+    shutil.copy(mixed / "new0.jpg", mixed / "dup-a.jpg")  # duplicates of new bytes
+    shutil.copy(mixed / "new0.jpg", mixed / "dup-b.jpg")
+    shutil.copy(mixed / "new1.jpg", mixed / "dup-c.jpg")
+    shutil.copy(folder / "green.jpg", mixed / "known.jpg")  # answered by the other job
+    for name in ("broken_truncated.jpg", "broken_text.jpg", "reject_avif.avif", "anim.gif"):
+        shutil.copy(sample_data / name, mixed / name)
+    shutil.copy(sample_data / "anim.gif", mixed / "anim-copy.gif")  # converted, then duplicate
+    job = write_job(tmp_path, sandbox, [str(mixed)], name="mixed")
+    billed_before = sum(e.billed for e in sandbox.ledger())
+
+    plan = plan_json(job)
+    s = run_json(job)
+
+    billed = sum(e.billed for e in sandbox.ledger()) - billed_before
+    assert plan["credits"] == s["credits"] == billed * 10 == 50
+    for key in ("sent", "reused", "rejected", "credits_saved", "new"):
+        assert plan[key] == s[key], key
+    assert plan["rejected_reasons"] == s["rejected_reasons"]
+    assert status(job)["credits"]["recorded"] == plan["credits"]
+    assert plan_json(job)["credits"] == 0
+
+
+def test_an_unchanged_file_is_not_read_again(tmp_path, sandbox, folder):
+    job = write_job(tmp_path, sandbox, [str(folder)])
+    run_json(job)
+    sent = len(sandbox.ledger())
+    # Same size and modification time, other bytes: garbage that would be rejected if it were
+    # read. The fingerprint says "unchanged", so the rerun must not even open the file.
+    target = folder / "green.jpg"
+    st = target.stat()
+    target.write_bytes(b"\0" * st.st_size)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    plan = plan_json(job)
+    s = run_json(job)
+
+    assert (plan["unchanged"], plan["rejected"], plan["credits"]) == (5, 0, 0)
+    assert (s["unchanged"], s["rejected"], s["sent"]) == (5, 0, 0)
+    assert len(sandbox.ledger()) == sent
+    row = export(job)[str(target)]
+    assert row["state"] == "done" and row["result"]["_status"]["code"] == 200
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_an_answer_stays_reusable_after_the_image_that_paid_for_it_changed(tmp_path, sandbox,
+                                                                           folder):
+    job = write_job(tmp_path, sandbox, [str(folder)])
+    run_json(job)
+    (folder / "red.jpg").write_bytes(GREY)  # the paid copy of the red bytes now holds others
+    assert run_json(job)["credits"] == 10
+    (folder / "late red.jpg").write_bytes(RED)  # the red bytes come back under a new name
+
+    plan = plan_json(job)
+    s = run_json(job)
+
+    assert (plan["reused"], plan["credits"]) == (1, 0)
+    assert (s["reused"], s["credits"]) == (1, 0)
+    assert Counter(e.content_sha256 for e in sandbox.ledger())[_sha(RED)] == 1
+    row = export(job)[str(folder / "late red.jpg")]
+    assert row["state"] == "done" and row["credits"] == 0
+    assert row["result"] == export(job)[str(folder / "red copy.jpg")]["result"]
