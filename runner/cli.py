@@ -250,13 +250,28 @@ def _shown_path(path: Path) -> str:
         return str(path)
 
 
+def _live_run(latest: list[dict[str, Any]]) -> int | None:
+    """The id of the job's run that is going right now, if its process is alive."""
+    if not latest or latest[0]["status"] != "running" or not latest[0]["pid"]:
+        return None
+    try:
+        os.kill(latest[0]["pid"], 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return int(latest[0]["id"])
+
+
 def status_report(job: Job) -> dict[str, Any]:
     """The figures `ximrun status` shows; also usable from Python."""
     store = _open_store(job)
     with store:
         counts = store.counts(job.name)
         runs = store.recent_runs(job.name, 5)
-        unanswered = store.unanswered(job.name)
+        live = _live_run(store.recent_runs(job.name, 1))
+        # The requests of a run still going are in flight, not lost: they are not listed.
+        unanswered = store.unanswered(job.name, running_run=live)
         resends = store.resend_stats(job.name)
         spent = store.spent(job.name)
         saved = sum(r["credits_saved"] or 0 for r in store.recent_runs(job.name, 10_000))
@@ -264,7 +279,7 @@ def status_report(job: Job) -> dict[str, Any]:
     account_diff = None
     if last and last["account_before"] is not None and last["account_after"] is not None:
         account_diff = last["account_after"] - last["account_before"]
-    return {
+    report = {
         "job": job.name,
         "db": _shown_path(job.db_path),
         "states": {s: counts[s] for s in STATES},
@@ -282,6 +297,10 @@ def status_report(job: Job) -> dict[str, Any]:
                                     "requests", "credits", "account_before", "account_after")}
                  for r in runs],
     }
+    for r in report["runs"]:
+        if r["status"] == "running" and r["id"] != live:
+            r["status"] = "crashed"  # its process is gone; the next run records it so too
+    return report
 
 
 @main.command()

@@ -296,7 +296,7 @@ class ApiClient:
                 return
             batch.retries += 1
             delay = self._delay(batch.retries, answer.retry_after)
-            log.info("%d of %d record(s): %s; retry %d/%d in %.1fs", len(again), len(group),
+            log.debug("%d of %d record(s): %s; retry %d/%d in %.1fs", len(again), len(group),
                      _retry_reason(batch, again), batch.retries, self.api.max_retries, delay)
             if self._pause(delay):
                 self._settle_stopped(batch, again)

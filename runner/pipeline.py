@@ -284,7 +284,7 @@ class _Run:
         try:
             s.account_before = _credits_counter(self.client.account_details())
             self.store.set_account_before(self.run_id, s.account_before)
-            sources.check_manifest(self.job.source)
+            sources.check_sources(self.job.source)
             stopped_by, listing_complete = self._coordinate()
         except AuthError as exc:
             self.auth_error = exc
@@ -575,7 +575,7 @@ def plan_job(job: Job, progress: ProgressFn | None = None) -> Summary:
     """What `run` would do, nothing sent and nothing written: it reads and hashes new images."""
     s = Summary(job=job.name, status="plan", budget=job.credits.budget)
     started = time.monotonic()
-    sources.check_manifest(job.source)
+    sources.check_sources(job.source)
     db = job.db_path
     store = Store(db, create=False) if db.exists() else Store(":memory:")
     request_sig, prep_sig = job.request_signature(), prep_signature(job)

@@ -71,6 +71,18 @@ def list_items(source: SourceConfig, on_skip: SkipFn | None = None) -> Iterator[
         yield from _list_manifest(source, on_skip)
 
 
+def check_sources(source: SourceConfig) -> None:
+    """Before anything is sent: every root can be listed (its first page is read) and the
+    manifest has no duplicate ids, so a missing bucket or folder is refused up front."""
+    for root in source.paths:
+        first = _list_root(root, source)
+        try:
+            next(first, None)
+        finally:
+            first.close()
+    check_manifest(source)
+
+
 def check_manifest(source: SourceConfig) -> None:
     """Refuse a manifest whose rows share an id (or, without ids, a path) before anything is sent.
 

@@ -311,3 +311,12 @@ def test_touched_file_with_the_same_bytes_is_not_paid_again(tmp_path, sandbox, f
     assert len(sandbox.ledger()) == 3
     row = export(job)[str(p)]
     assert row["state"] == "done" and row["result"]["_status"]["code"] == 200
+
+
+def test_a_missing_root_is_refused_before_anything_is_sent(tmp_path, sandbox, folder):
+    job = tmp_path / "j.toml"
+    job.write_text(f'name = "j"\n[source]\npaths = ["{folder}", "{tmp_path}/nope/"]\n'
+                   f'[api]\nendpoint = "{sandbox.endpoint_url()}"\n')
+    res = invoke("run", str(job))
+    assert res.exit_code == 2 and "nope" in res.output
+    assert sandbox.ledger() == []

@@ -1,0 +1,322 @@
+"""Runs a job on a Dask cluster: workers read, prepare and send chunks of images; this process stays
+the single owner of the state database (it lists, routes copies, reserves budget, records outcomes).
+
+A chunk's prepared bytes stay on the worker that prepared them (a Dask future); only keys, content
+hashes and refusals come back here, and a batch is sent by a task that runs where its bytes are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import threading
+import uuid
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, cast
+
+from runner.client import ApiClient
+from runner.errors import AuthError, JobError
+from runner.job import ExecutorConfig, Job
+from runner.pipeline import Ready, Refused, Summary, _Run, prepare_item, submit_prepared
+from runner.records import Item, RecordOutcome
+
+try:
+    import distributed
+except ImportError:
+    raise JobError('executor.kind = "dask" needs the optional package `distributed`: '
+                   "pip install 'ximrun[dask]'") from None
+
+log = logging.getLogger("ximrun.dask")
+
+CHUNK_BATCHES = 4  # one preparation task takes this many batches' worth of images
+CONNECT_TIMEOUT_S = 15
+WORKERS_TIMEOUT_S = 60
+# Tasks that finish work already taken up run before new preparation.
+PRIORITY_SEND, PRIORITY_DESCRIBE = 2, 1
+
+Prepared = dict[str, Ready | Refused]  # a chunk's preparation, by key: it stays on its worker
+
+
+# --- what runs on the workers ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every task needs: the job (its token included), where to send, and each worker's
+    share of `concurrency`; `run_key` gives each worker one client per run."""
+
+    job: Job
+    endpoint_url: str
+    concurrency: int
+    run_key: str
+
+    def __repr__(self) -> str:  # Dask prints a failed task's arguments: keep it short, no token
+        return f"WorkerJob({self.job.name!r}, {self.endpoint_url!r})"
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A batch's outcomes and the ids every HTTP request carried, in order."""
+
+    outcomes: list[RecordOutcome]
+    requests: list[list[str]]
+
+
+_clients: dict[str, ApiClient] = {}  # per worker process: pooled connections and one AIMD limit
+_clients_lock = threading.Lock()  # a worker runs its tasks on several threads
+_KEEP_CLIENTS = 4  # clients of runs that ended are closed once this many newer ones exist
+
+
+def _worker_client(w: WorkerJob) -> ApiClient:
+    with _clients_lock:
+        client = _clients.get(w.run_key)
+        if client is None:
+            assert w.job.token is not None  # run_job puts the token actually used into the job
+            api = replace(w.job.api, concurrency=w.concurrency)
+            client = _clients[w.run_key] = ApiClient(w.endpoint_url, w.job.token, api)
+            for key in list(_clients)[:-_KEEP_CLIENTS]:
+                _clients.pop(key).close()
+        return client
+
+
+def prepare_chunk(w: WorkerJob, items: Sequence[Item]) -> Prepared:
+    """Read and prepare a chunk of images; the result stays on this worker for send_batch."""
+    return {it.key: prepare_item(w.job, it) for it in items}
+
+
+def describe_chunk(prepared: Prepared) -> list[Ready | Refused]:
+    """What the coordinator routes by: keys, content hashes, refusals; no image bytes."""
+    return [replace(r, record=replace(r.record, data=None)) if isinstance(r, Ready) else r
+            for r in prepared.values()]
+
+
+def pick(prepared: Prepared, keys: Sequence[str]) -> Prepared:
+    """The few images of a chunk that join a batch mixed from several chunks."""
+    return {k: prepared[k] for k in keys}
+
+
+def send_batch(w: WorkerJob, keys: Sequence[str], *parts: Prepared) -> Sent:
+    """Send one batch (with retries) from the prepared images it names; AuthError passes through."""
+    found: Prepared = {}
+    for part in parts:
+        found.update(part)
+    batch = [cast(Ready, found[k]) for k in keys]  # the coordinator sends only Ready images
+    requests: list[list[str]] = []
+    outcomes = submit_prepared(w.job, _worker_client(w), batch,
+                               lambda ids, attempt: requests.append(list(ids)))
+    return Sent(outcomes, requests)
+
+
+# --- the cluster -------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def open_cluster(executor: ExecutorConfig, concurrency: int) -> Iterator[distributed.Client]:
+    """A client of the scheduler at `address`, or of a local cluster sized to this machine."""
+    if executor.address:
+        try:
+            client = distributed.Client(executor.address, timeout=f"{CONNECT_TIMEOUT_S}s",
+                                        set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise JobError(f"executor.address: no Dask scheduler answers at "
+                           f"{executor.address} ({exc})") from None
+        with client:
+            try:
+                client.wait_for_workers(max(1, executor.workers), timeout=WORKERS_TIMEOUT_S)
+            except TimeoutError:
+                raise JobError(f"executor.address: fewer than {max(1, executor.workers)} "
+                               f"worker(s) joined {executor.address} within "
+                               f"{WORKERS_TIMEOUT_S} s") from None
+            yield client
+        return
+    n = executor.workers or os.cpu_count() or 1
+    # One thread per request the worker may have in flight, one more for preparation.
+    threads = max(1, concurrency // n) + 1
+    with distributed.LocalCluster(n_workers=n, threads_per_worker=threads, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+# --- the coordinator ---------------------------------------------------------------------------
+
+@dataclass
+class _Batch:
+    readies: list[Ready]  # without their bytes: those are in `parts`, on the workers
+    parts: tuple[Any, ...]  # futures of the Prepared dicts that hold the bytes
+
+
+class DaskRun(_Run):
+    """The local run's coordinator, with preparation and requests on a Dask cluster."""
+
+    dask: distributed.Client
+    worker_job: WorkerJob
+
+    def execute(self) -> Summary:
+        with open_cluster(self.job.executor, self.job.api.concurrency) as dask:
+            workers = len(dask.nthreads())
+            self.dask = dask
+            # Each worker's client caps its own requests, so the cluster stays at `concurrency`.
+            self.worker_job = WorkerJob(self.job, self.client.endpoint_url,
+                                        max(1, self.job.api.concurrency // workers),
+                                        uuid.uuid4().hex)
+            log.info("running on %d Dask worker(s), %d request(s) in flight each",
+                     workers, self.worker_job.concurrency)
+            return super().execute()
+
+    def _coordinate(self) -> tuple[str | None, bool]:
+        """Returns (why it stopped early or None, whether the whole listing was seen)."""
+        dask, w = self.dask, self.worker_job
+        bs = self.job.api.batch_size
+        nthreads = dask.nthreads()
+        chunk_size = bs * CHUNK_BATCHES
+        window = 2 * sum(nthreads.values()) * chunk_size  # images taken up, not yet sent
+        concurrency, workers = self.job.api.concurrency, len(nthreads)
+        # A send task waiting per worker keeps them busy; never more tasks than requests allowed.
+        send_window = concurrency + workers if concurrency >= workers else concurrency
+        listing = self._listed()
+        intake_done = exhausted = limited = False
+        stopped_by: str | None = None
+        taken = 0
+        limit = self.options.limit
+        finished: queue.SimpleQueue[distributed.Future] = queue.SimpleQueue()
+        describing: dict[distributed.Future, tuple[distributed.Future, list[Item]]] = {}
+        batches: deque[_Batch] = deque()
+        leftovers: list[tuple[distributed.Future, Ready]] = []  # a chunk's last partial batch
+        sending: dict[distributed.Future, tuple[int, list[Ready]]] = {}
+
+        def queued() -> int:
+            return (len(describing) * chunk_size + len(leftovers)
+                    + sum(len(b.readies) for b in batches))
+
+        while True:
+            stopped_by = self._stop_reason(stopped_by)
+            # 1. take up listed images, a chunk per task, while the window has room
+            while stopped_by is None and not intake_done and queued() < window:
+                room = chunk_size if limit is None else min(chunk_size, limit - taken)
+                if room <= 0:
+                    intake_done = limited = True
+                    break
+                items = [x.item for x in itertools.islice(listing, room)]
+                if len(items) < room:
+                    intake_done = exhausted = True
+                if not items:
+                    break
+                taken += len(items)
+                prepared = dask.submit(prepare_chunk, w, items, pure=False)
+                described = dask.submit(describe_chunk, prepared, pure=False,
+                                        priority=PRIORITY_DESCRIBE)
+                described.add_done_callback(finished.put)
+                describing[described] = (prepared, items)
+            # 2. settle what finished: route described chunks, record answered batches
+            self._settle(finished, describing, sending, batches, leftovers,
+                         route=stopped_by is None)
+            stopped_by = self._stop_reason(stopped_by)
+            # 3. full batches out; the last partial ones once nothing else comes
+            if stopped_by is None:
+                last = intake_done and not describing
+                while len(leftovers) >= bs or (leftovers and last):
+                    batches.append(self._mixed_batch(leftovers[:bs]))
+                    del leftovers[:bs]
+            while batches and stopped_by is None and len(sending) < send_window:
+                n = self._affordable(len(batches[0].readies))
+                if n == 0:
+                    if not sending:
+                        stopped_by = "budget"
+                    break
+                b = batches.popleft()
+                if n < len(b.readies):
+                    batches.appendleft(_Batch(b.readies[n:], b.parts))
+                self._dispatch(b.readies[:n], b.parts, sending, finished)
+            # 4. finished?
+            if stopped_by is not None and not sending:
+                break
+            if intake_done and not describing and not batches and not leftovers and not sending:
+                break
+        for f in describing:
+            f.cancel()
+        return self._wind_up(listing, stopped_by, limited, exhausted)
+
+    def _settle(self, finished: queue.SimpleQueue[distributed.Future],
+                describing: dict[distributed.Future, tuple[distributed.Future, list[Item]]],
+                sending: dict[distributed.Future, tuple[int, list[Ready]]],
+                batches: deque[_Batch], leftovers: list[tuple[distributed.Future, Ready]], *,
+                route: bool) -> None:
+        """Wait a little for finished tasks, then take in every one that has finished."""
+        try:
+            done = [finished.get(timeout=0.5)]
+        except queue.Empty:
+            return
+        with contextlib.suppress(queue.Empty):
+            while True:
+                done.append(finished.get_nowait())
+        bs = self.job.api.batch_size
+        for f in done:
+            if f in sending:
+                self._take_answers(f, *sending.pop(f))
+            elif f in describing:
+                prepared, items = describing.pop(f)
+                try:
+                    described = f.result()
+                except Exception as exc:  # its workers died over and over (KilledWorker)
+                    log.error("%d image(s) could not be prepared on the cluster: %s",
+                              len(items), exc)
+                    self._mark_lost(items, f"worker lost while preparing: {exc}")
+                    continue
+                if not route:
+                    continue
+                readies: list[Ready] = []
+                self._route(described, readies)
+                whole = len(readies) - len(readies) % self.job.api.batch_size
+                batches.extend(_Batch(readies[i:i + bs], (prepared,)) for i in range(0, whole, bs))
+                leftovers.extend((prepared, r) for r in readies[whole:])
+
+    def _mixed_batch(self, members: list[tuple[distributed.Future, Ready]]) -> _Batch:
+        """A batch from several chunks' leftovers: only its own images move between workers."""
+        by_chunk: dict[distributed.Future, list[str]] = {}
+        for prepared, r in members:
+            by_chunk.setdefault(prepared, []).append(r.item.key)
+        if len(by_chunk) == 1:
+            parts: tuple[Any, ...] = tuple(by_chunk)
+        else:
+            parts = tuple(self.dask.submit(pick, prepared, keys, pure=False,
+                                           priority=PRIORITY_SEND)
+                          for prepared, keys in by_chunk.items())
+        return _Batch([r for _, r in members], parts)
+
+    def _dispatch(self, readies: list[Ready], parts: tuple[Any, ...],
+                  sending: dict[distributed.Future, tuple[int, list[Ready]]],
+                  finished: queue.SimpleQueue[distributed.Future]) -> None:
+        batch_no = self._next_batch()
+        keys = [r.item.key for r in readies]
+        # The worker cannot write here: the batch is recorded in flight before its task exists.
+        self._record_attempt(batch_no, 1, keys)
+        f = self.dask.submit(send_batch, self.worker_job, keys, *parts, pure=False,
+                             priority=PRIORITY_SEND)
+        f.add_done_callback(finished.put)
+        sending[f] = (batch_no, readies)
+
+    def _take_answers(self, f: distributed.Future, batch_no: int, readies: list[Ready]) -> None:
+        try:
+            sent: Sent = f.result()
+        except AuthError as exc:
+            self._unreserve(len(readies))
+            self.auth_error = exc
+            return
+        except Exception as exc:  # its workers died over and over (KilledWorker)
+            log.error("batch %d: no answer from the cluster: %s", batch_no, exc)
+            why = f"worker lost while sending (may have been billed): {exc}"
+            sent = Sent([RecordOutcome(r.item.key, ok=False, reason=why) for r in readies], [])
+        # The first request was recorded before the task was submitted; retries after it here.
+        for attempt, ids in enumerate(sent.requests[1:], start=2):
+            self._record_attempt(batch_no, attempt, ids)
+        self._record_answers(batch_no, readies, sent.outcomes)
+
+    def _mark_lost(self, items: list[Item], reason: str) -> None:
+        self.store.mark_failed(self.job.name, [(it, reason) for it in items], run_id=self.run_id)
+        with self._lock:
+            self.summary.failed += len(items)
+        self._report()

@@ -1,0 +1,359 @@
+"""kill -9 at random instants: the real CLI in a subprocess, killed over and over during one job.
+
+Every kill is followed by `PRAGMA integrity_check` and a look at `status`; the job then runs to
+completion, and the emulator's ledger and the database must agree: every image final, none lost,
+no `done` image sent again, only the images in flight at a kill sent twice (and `status` named
+them), every request the API saw announced in `attempts`, credits recorded once per answer.
+
+The kill moments come from one seed (XIMRUN_CRASH_SEED replays a failure).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_cli import invoke
+
+from runner.job import SandboxSettings
+from runner.sandbox import LedgerEntry, Sandbox
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "test-token"
+SEED = int(os.environ.get("XIMRUN_CRASH_SEED", "20260518"))
+PER_IMAGE = 10
+PROC_TIMEOUT_S = 60  # a run that takes longer than this hangs: the test kills it and fails
+
+
+# --- helpers shared with test_signals.py ---------------------------------------------------------
+
+def make_images(folder: Path, n: int) -> list[Path]:
+    """n small JPEGs with distinct bytes (the index is painted into the pixels)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, digests = [], set()
+    for i in range(n):
+        img = Image.new("RGB", (32, 16), (40, 90, 160))
+        for bit in range(16):  # one black or white 2x8 bar per bit survives JPEG's rounding
+            if i >> bit & 1:
+                img.paste((255, 255, 255), (2 * bit, 0, 2 * bit + 2, 8))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        digests.add(hashlib.sha256(buf.getvalue()).digest())
+        p = folder / f"img{i:04d}.jpg"
+        p.write_bytes(buf.getvalue())
+        paths.append(p)
+    assert len(digests) == n, "the generated images must all differ"
+    return paths
+
+
+def write_job(tmp: Path, endpoint: str, src: Path, *, batch_size: int, concurrency: int,
+              extra: str = "", name: str = "crash") -> Path:
+    job = tmp / f"{name}.toml"
+    job.write_text(f'''
+name = "{name}"
+[source]
+paths = ["{src}"]
+[api]
+endpoint = "{endpoint}"
+batch_size = {batch_size}
+concurrency = {concurrency}
+timeout_s = 20
+max_retries = 5
+[credits]
+per_image = {PER_IMAGE}
+[state]
+db = "state/{name}.db"
+{extra}
+''')
+    return job
+
+
+def child_env(token: str = TOKEN, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XIMRUN_")}
+    env.update(XIMILAR_TOKEN=token, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+@dataclass
+class Child:
+    """`python -m runner ...` in a subprocess, its output in files (never a pipe that can fill)."""
+
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+
+    def wait(self, timeout: float = PROC_TIMEOUT_S) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"ximrun did not exit within {timeout}s: it hangs\n{self.output()}")
+
+    @property
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def output(self) -> str:
+        return f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+def start(tmp: Path, *args: str, env: dict[str, str] | None = None, tag: str = "run",
+          **popen) -> Child:
+    n = len(list(tmp.glob(f"{tag}-*.out")))
+    out, err = tmp / f"{tag}-{n}.out", tmp / f"{tag}-{n}.err"
+    with out.open("wb") as fo, err.open("wb") as fe:
+        kw = {"stderr": fe, **popen}
+        proc = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=tmp,
+                                env=env or child_env(), stdout=fo, stdin=subprocess.DEVNULL,
+                                **kw)
+    return Child(proc, out, err)
+
+
+def ximrun(tmp: Path, *args: str, env: dict[str, str] | None = None, tag: str = "cmd") -> Child:
+    c = start(tmp, *args, env=env, tag=tag)
+    c.wait()
+    return c
+
+
+def integrity(db: Path, scratch: Path) -> str:
+    """integrity_check on a copy of the files as the kill left them (the original is untouched)."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    for suffix in ("", "-wal"):
+        f = db.with_name(db.name + suffix)
+        if f.exists():
+            shutil.copy(f, scratch / f.name)
+    conn = sqlite3.connect(scratch / db.name)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def settle(sb: Sandbox, timeout: float = 15) -> list[LedgerEntry]:
+    """Wait until the emulator has finished every request of a killed client; returns the ledger.
+
+    The server tracks its open connections; once the client is dead, each one closes as soon as
+    its request is answered (or found cut short), so an empty set means the ledger is complete.
+    """
+    deadline = time.monotonic() + timeout
+    while sb._server is not None and sb._server._connections:  # noqa: SLF001 (the tests' view)
+        if time.monotonic() > deadline:
+            pytest.fail("the emulator still serves a killed client's requests")
+        time.sleep(0.01)
+    return sb.ledger()
+
+
+def export_rows(job: Path) -> dict[str, dict]:
+    res = invoke("export", str(job))
+    assert res.exit_code == 0, res.output
+    return {row["key"]: row for row in map(json.loads, res.output.splitlines())}
+
+
+def status_json(job: Path) -> dict:
+    res = invoke("status", str(job), "--json")
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def attempts_per_key(db: Path) -> Counter[str]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return Counter(k for (keys,) in conn.execute("SELECT keys FROM attempts")
+                       for k in json.loads(keys))
+    finally:
+        conn.close()
+
+
+def wait_for(cond, what: str, child: Child | None = None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if child is not None and child.proc.poll() is not None:
+            pytest.fail(f"ximrun exited ({child.proc.returncode}) before {what}\n{child.output()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+# --- the kill -9 test ----------------------------------------------------------------------------
+
+@dataclass
+class Life:
+    """One process that was killed: what the API saw from it, and what the database kept."""
+
+    first: int  # index of its first ledger entry
+    last: int  # index after its last ledger entry
+    named: set[str]  # keys status listed as possibly billed without an answer, for its run
+    final: set[str]  # keys in a final state (done/failed/rejected) after the kill
+    done: set[str]
+
+
+def kill_many_times(tmp: Path, sb: Sandbox, job: Path, db: Path, *, kills: int, seed: int,
+                    max_growth: int) -> list[Life]:
+    rng = random.Random(seed)
+    lives: list[Life] = []
+    seen_attempts: set[tuple[int, int, int]] = set()
+    while len(lives) < kills:
+        first = len(sb.ledger())
+        child = start(tmp, "run", str(job), tag="kill")
+        if rng.random() < 0.25:
+            # Anywhere: start-up, listing, classification, the first requests.
+            time.sleep(rng.uniform(0.05, 1.0))
+        else:
+            # While answers come back: after a few more records, at a random instant.
+            grow = rng.randint(1, max_growth)
+            wait_for(lambda: len(sb.ledger()) >= first + grow,  # noqa: B023
+                     f"{grow} records to reach the API (kill {len(lives) + 1}, seed {seed})",
+                     child)
+            time.sleep(rng.uniform(0, 0.08))
+        child.proc.send_signal(signal.SIGKILL)
+        rc = child.wait()
+        if rc != -signal.SIGKILL:
+            pytest.fail(f"the job ended on its own ({rc}) after {len(lives)} kills: "
+                        f"give it more images\n{child.output()}")
+        ledger = settle(sb)
+        check = integrity(db, tmp / "check") if db.exists() else "ok"
+        assert check == "ok", f"kill {len(lives) + 1} (seed {seed}) left a corrupt database: {check}"
+        named: set[str] = set()
+        final: set[str] = set()
+        done: set[str] = set()
+        if db.exists():
+            for u in status_json(job)["possibly_billed_without_answer"]:
+                ident = (u["run"], u["batch"], u["attempt"])
+                if ident not in seen_attempts:
+                    seen_attempts.add(ident)
+                    named.update(u["keys"])
+            rows = export_rows(job)
+            final = {k for k, r in rows.items() if r["state"] != "pending"}
+            done = {k for k, r in rows.items() if r["state"] == "done"}
+        lives.append(Life(first, len(ledger), named, final, done))
+    return lives
+
+
+def check_after_kills(sb: Sandbox, lives: list[Life], rows: dict[str, dict], db: Path,
+                      seed: int) -> Counter[str]:
+    """The invariants that hold with or without API faults; returns sends per key."""
+    ledger = sb.ledger()
+    ids = [e.record_id for e in ledger]
+    for n, life in enumerate(lives, 1):
+        where = f"kill {n} (seed {seed})"
+        this = set(ids[life.first:life.last])
+        later = set(ids[life.last:])
+        # No image that was done is ever sent again.
+        assert not life.done & later, f"{where}: done images sent again: {life.done & later}"
+        # What the API saw from the killed run but the database did not record: status names it.
+        unrecorded = this - life.final
+        assert unrecorded <= life.named, f"{where}: not named: {unrecorded - life.named}"
+        # ... and nothing named was recorded as answered.
+        assert not life.named & life.done, f"{where}: named yet done: {life.named & life.done}"
+        # Only the images in flight at the kill are sent again.
+        again = this & later
+        assert again <= life.named, f"{where}: sent again but not in flight: {again - life.named}"
+    # Every request the API saw was announced in `attempts` first.
+    announced = attempts_per_key(db)
+    sends = Counter(ids)
+    over = {k: (n, announced[k]) for k, n in sends.items() if n > announced[k]}
+    assert not over, f"requests the database never announced (sent, announced): {over}"
+    # Credits: one answer's worth per image ximrun recorded as done, in items and in runs alike.
+    done = {k for k, r in rows.items() if r["state"] == "done"}
+    assert all(rows[k]["credits"] == PER_IMAGE for k in done)
+    assert sum(r["credits"] for r in rows.values()) == PER_IMAGE * len(done)
+    answered_ok = {e.record_id for e in ledger if e.code == 200 and e.billed}
+    assert done <= answered_ok, f"done without a billed answer: {done - answered_ok}"
+    return sends
+
+
+def test_kill_9_at_random_instants_loses_nothing_and_pays_only_for_flight(tmp_path):
+    n_images, kills, bs, conc = 320, 20, 2, 2
+    started = time.monotonic()
+    paths = make_images(tmp_path / "imgs", n_images)
+    keys = {str(p) for p in paths}
+    settings = SandboxSettings(token=TOKEN, latency_ms=30, jitter_ms=50, seed=SEED)
+    with Sandbox(settings) as sb:
+        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=bs,
+                        concurrency=conc)
+        db = tmp_path / "state" / "crash.db"
+        lives = kill_many_times(tmp_path, sb, job, db, kills=kills, seed=SEED, max_growth=10)
+        final = start(tmp_path, "run", str(job), "--json", tag="final")
+        assert final.wait() == 0, final.output()
+        summary = json.loads(final.stdout)
+        assert summary["status"] == "finished" and summary["pending"] == 0
+
+        assert integrity(db, tmp_path / "check") == "ok"
+        rows = export_rows(job)
+        assert set(rows) == keys, "images lost or invented"
+        assert all(r["state"] == "done" for r in rows.values()), \
+            Counter(r["state"] for r in rows.values())
+        sends = check_after_kills(sb, lives, rows, db, SEED)
+        ledger = sb.ledger()
+        assert set(sends) == keys
+        duplicates = sum(n - 1 for n in sends.values())
+        bound = kills * conc * bs
+        assert duplicates <= bound, f"{duplicates} duplicate sends > {bound} (seed {SEED})"
+        # Without faults every send was billed: the extra credits are exactly the duplicates.
+        billed = sum(e.billed for e in ledger)
+        assert billed == n_images + duplicates
+        st = status_json(job)
+        assert st["states"] == {"pending": 0, "done": n_images, "failed": 0, "rejected": 0}
+        assert st["credits"]["recorded"] == PER_IMAGE * n_images
+        named = set().union(*(life.named for life in lives))
+        assert {k for k, n in sends.items() if n > 1} <= named
+        # A run after completion sends nothing.
+        before = len(ledger)
+        assert ximrun(tmp_path, "run", str(job)).proc.returncode == 0
+        assert len(sb.ledger()) == before
+    print(f"\n{kills} kills (seed {SEED}), {n_images} images: {duplicates} duplicate sends "
+          f"(bound {bound}), {len(named)} images named in flight, "
+          f"{time.monotonic() - started:.1f}s")
+
+
+def test_kill_9_with_api_faults_still_ends_consistent(tmp_path):
+    """Server errors and lost answers on top of the kills: retries inside a run are counted."""
+    n_images, kills, bs, conc = 120, 10, 3, 2
+    seed = SEED + 1
+    paths = make_images(tmp_path / "imgs", n_images)
+    keys = {str(p) for p in paths}
+    settings = SandboxSettings(token=TOKEN, latency_ms=30, jitter_ms=50, p500=0.05, pdrop=0.05,
+                               seed=seed)
+    with Sandbox(settings) as sb:
+        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=bs,
+                        concurrency=conc)
+        db = tmp_path / "state" / "crash.db"
+        lives = kill_many_times(tmp_path, sb, job, db, kills=kills, seed=seed, max_growth=12)
+        final = start(tmp_path, "run", str(job), tag="final")
+        rc = final.wait()
+        rows = export_rows(job)
+        assert rc == (1 if any(r["state"] == "failed" for r in rows.values()) else 0), \
+            final.output()
+        assert integrity(db, tmp_path / "check") == "ok"
+        assert set(rows) == keys
+        assert all(r["state"] in ("done", "failed") for r in rows.values())
+        check_after_kills(sb, lives, rows, db, seed)
+        done = sum(r["state"] == "done" for r in rows.values())
+        assert status_json(job)["credits"]["recorded"] == PER_IMAGE * done
+        # An answer lost on the wire is visible: resent within its run (so `sends` counts it), or
+        # named by status after the kill that came first.
+        named = set().union(*(life.named for life in lives))
+        lost = {e.record_id for e in sb.ledger() if e.billed and not e.answered}
+        assert lost, "no answer was lost: raise pdrop"
+        invisible = {k for k in lost if k not in named and rows[k]["sends"] < 2}
+        assert not invisible, f"billed, lost and never counted (seed {seed}): {invisible}"
