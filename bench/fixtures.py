@@ -1,0 +1,178 @@
+"""What the benchmarks share: generated images, job files, memory readings and the result table.
+
+Every benchmark reports figures as ratios against a baseline measured in the same run, because
+the machines are shared and noisy; a `Figure` is one such ratio (or reading) and its goal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN_ENV = "XIMRUN_BENCH_TOKEN"
+FILES_PER_FOLDER = 1000  # generated trees are spread so that no folder gets huge
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One reported figure: `value` rendered with `fmt`, the goal in words, and whether it is met."""
+
+    bench: str
+    label: str
+    value: float
+    fmt: str
+    goal: str
+    met: bool | None  # None: reported, no goal
+
+    def render(self) -> str:
+        return format(self.value, self.fmt)
+
+
+def print_figures(figures: list[Figure], title: str | None = None) -> None:
+    if title:
+        print(title)
+    width = max((len(f"{f.bench}: {f.label}") for f in figures), default=10)
+    for f in figures:
+        verdict = "" if f.met is None else ("met" if f.met else "MISSED")
+        print(f"  {f.bench + ': ' + f.label:<{width}}  {f.render():>10}  {f.goal:<14} {verdict}")
+
+
+def all_met(figures: list[Figure]) -> bool:
+    return all(f.met is not False for f in figures)
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def tree_path(root: Path, i: int, suffix: str = ".jpg") -> Path:
+    return root / f"{i // FILES_PER_FOLDER:05d}" / f"{i:08d}{suffix}"
+
+
+def write_tiny_jpegs(root: Path, n: int, size: tuple[int, int] = (64, 48), seed: int = 0) -> float:
+    """n distinct small JPEGs (smooth colour blobs plus a little noise); returns seconds taken."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    started = time.perf_counter()
+    noise = [Image.effect_noise(size, 12).convert("RGB") for _ in range(8)]
+    for i in range(n):
+        if i % FILES_PER_FOLDER == 0:
+            tree_path(root, i).parent.mkdir(parents=True, exist_ok=True)
+        # 6x4 random colours blown up: distinct per image and compressible like a thumbnail.
+        blobs = Image.frombytes("RGB", (6, 4), rng.randbytes(72)).resize(size, Image.BILINEAR)
+        im = Image.blend(blobs, noise[i % len(noise)], 0.15)
+        buf = BytesIO()
+        im.save(buf, "JPEG", quality=85)
+        tree_path(root, i).write_bytes(buf.getvalue())
+    return time.perf_counter() - started
+
+
+def write_tiny_files(root: Path, n: int, data: bytes = b"\xff\xd8\xff") -> float:
+    """n files of a few bytes each, as cheaply as the file system allows; returns seconds."""
+    started = time.perf_counter()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    for i in range(n):
+        path = tree_path(root, i)
+        if i % FILES_PER_FOLDER == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    return time.perf_counter() - started
+
+
+# --- jobs --------------------------------------------------------------------------------------
+
+
+def write_job(folder: Path, *, name: str, images: Path, endpoint: str = "sandbox",
+              concurrency: int = 8, batch_size: int = 10, db: str = "state.db",
+              extra: str = "") -> Path:
+    """A job file over a folder of images; a URL endpoint reads its token from TOKEN_ENV."""
+    api = f'endpoint = "{endpoint}"\n'
+    if endpoint != "sandbox":
+        api += f'token_env = "{TOKEN_ENV}"\n'
+    text = (f'name = "{name}"\n\n[source]\npaths = ["{images.as_posix()}/"]\n\n'
+            f"[api]\n{api}batch_size = {batch_size}\nconcurrency = {concurrency}\n\n"
+            f'[state]\ndb = "{db}"\n{extra}')
+    path = folder / f"{name}.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- the emulator ---
+
+
+@contextlib.contextmanager
+def lean_emulator(analysis: bool) -> Iterator[None]:
+    """The emulator minus what only measures the emulator: Nagle's delay on its sockets
+    (http.server writes headers and body apart, so each answer waits for the client's delayed
+    ACK, about 40 ms) and, unless `analysis`, its pixel analysis of every record (work the real
+    API does on its own machines), replaced by a header read."""
+    from PIL import Image
+
+    from runner.sandbox import server, service
+    from runner.sandbox.results import Picture
+
+    def header_only(data: bytes) -> Picture | None:
+        try:
+            with Image.open(BytesIO(data)) as im:
+                w, h = im.size
+        except Exception:  # noqa: BLE001 -- the emulator's own answer to bytes it cannot open
+            return None
+        return Picture(w, h, hashlib.sha256(data).digest(), (0, 0, w, h),
+                       (((128, 128, 128), 1.0),), 128.0)
+
+    nagle, read_picture = server._Handler.disable_nagle_algorithm, service.read_picture
+    server._Handler.disable_nagle_algorithm = True
+    if not analysis:
+        service.read_picture = header_only
+    try:
+        yield
+    finally:
+        server._Handler.disable_nagle_algorithm = nagle
+        service.read_picture = read_picture
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+def status_kb(field: str) -> int | None:
+    """A field of /proc/self/status in kB (VmRSS, VmHWM), None where there is no /proc."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass  # not Linux: the caller falls back to ru_maxrss
+    return None
+
+
+def peak_kb() -> int:
+    """The process's peak RSS: VmHWM, or ru_maxrss where /proc is missing."""
+    import resource
+
+    return status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a benchmark's child process: this checkout first on the path."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
