@@ -11,7 +11,6 @@ import contextlib
 import itertools
 import logging
 import os
-import queue
 import threading
 import uuid
 from collections import deque
@@ -182,7 +181,9 @@ class DaskRun(_Run):
         stopped_by: str | None = None
         taken = 0
         limit = self.options.limit
-        finished: queue.SimpleQueue[distributed.Future] = queue.SimpleQueue()
+        # Results are fetched on the client's event loop as tasks finish, not one by one here.
+        finished = distributed.as_completed(loop=dask.loop, with_results=True,
+                                            raise_errors=False)
         describing: dict[distributed.Future, tuple[distributed.Future, list[Item]]] = {}
         batches: deque[_Batch] = deque()
         leftovers: list[tuple[distributed.Future, Ready]] = []  # a chunk's last partial batch
@@ -209,7 +210,7 @@ class DaskRun(_Run):
                 prepared = dask.submit(prepare_chunk, w, items, pure=False)
                 described = dask.submit(describe_chunk, prepared, pure=False,
                                         priority=PRIORITY_DESCRIBE)
-                described.add_done_callback(finished.put)
+                finished.add(described)
                 describing[described] = (prepared, items)
             # 2. settle what finished: route described chunks, record answered batches
             self._settle(finished, describing, sending, batches, leftovers,
@@ -240,37 +241,33 @@ class DaskRun(_Run):
             f.cancel()
         return self._wind_up(listing, stopped_by, limited, exhausted)
 
-    def _settle(self, finished: queue.SimpleQueue[distributed.Future],
+    def _settle(self, finished: distributed.as_completed,
                 describing: dict[distributed.Future, tuple[distributed.Future, list[Item]]],
                 sending: dict[distributed.Future, tuple[int, list[Ready]]],
                 batches: deque[_Batch], leftovers: list[tuple[distributed.Future, Ready]], *,
                 route: bool) -> None:
         """Wait a little for finished tasks, then take in every one that has finished."""
-        try:
-            done = [finished.get(timeout=0.5)]
-        except queue.Empty:
-            return
-        with contextlib.suppress(queue.Empty):
-            while True:
-                done.append(finished.get_nowait())
+        with finished.thread_condition:  # notified under this lock: no wake-up is missed
+            if not finished.has_ready():
+                finished.thread_condition.wait(timeout=0.5)
         bs = self.job.api.batch_size
-        for f in done:
+        for f, described in finished.next_batch(block=False):
+            if f.status == "error":
+                described = f.exception()  # AuthError, KilledWorker, ...
             if f in sending:
-                self._take_answers(f, *sending.pop(f))
+                self._take_answers(described, *sending.pop(f))
             elif f in describing:
                 prepared, items = describing.pop(f)
-                try:
-                    described = f.result()
-                except Exception as exc:  # its workers died over and over (KilledWorker)
+                if isinstance(described, BaseException):  # its workers died over and over
                     log.error("%d image(s) could not be prepared on the cluster: %s",
-                              len(items), exc)
-                    self._mark_lost(items, f"worker lost while preparing: {exc}")
+                              len(items), described)
+                    self._mark_lost(items, f"worker lost while preparing: {described}")
                     continue
                 if not route:
                     continue
                 readies: list[Ready] = []
                 self._route(described, readies)
-                whole = len(readies) - len(readies) % self.job.api.batch_size
+                whole = len(readies) - len(readies) % bs
                 batches.extend(_Batch(readies[i:i + bs], (prepared,)) for i in range(0, whole, bs))
                 leftovers.extend((prepared, r) for r in readies[whole:])
 
@@ -289,26 +286,25 @@ class DaskRun(_Run):
 
     def _dispatch(self, readies: list[Ready], parts: tuple[Any, ...],
                   sending: dict[distributed.Future, tuple[int, list[Ready]]],
-                  finished: queue.SimpleQueue[distributed.Future]) -> None:
+                  finished: distributed.as_completed) -> None:
         batch_no = self._next_batch()
         keys = [r.item.key for r in readies]
         # The worker cannot write here: the batch is recorded in flight before its task exists.
         self._record_attempt(batch_no, 1, keys)
         f = self.dask.submit(send_batch, self.worker_job, keys, *parts, pure=False,
                              priority=PRIORITY_SEND)
-        f.add_done_callback(finished.put)
+        finished.add(f)
         sending[f] = (batch_no, readies)
 
-    def _take_answers(self, f: distributed.Future, batch_no: int, readies: list[Ready]) -> None:
-        try:
-            sent: Sent = f.result()
-        except AuthError as exc:
+    def _take_answers(self, sent: Sent | BaseException, batch_no: int,
+                      readies: list[Ready]) -> None:
+        if isinstance(sent, AuthError):
             self._unreserve(len(readies))
-            self.auth_error = exc
+            self.auth_error = sent
             return
-        except Exception as exc:  # its workers died over and over (KilledWorker)
-            log.error("batch %d: no answer from the cluster: %s", batch_no, exc)
-            why = f"worker lost while sending (may have been billed): {exc}"
+        if isinstance(sent, BaseException):  # its workers died over and over (KilledWorker)
+            log.error("batch %d: no answer from the cluster: %s", batch_no, sent)
+            why = f"worker lost while sending (may have been billed): {sent}"
             sent = Sent([RecordOutcome(r.item.key, ok=False, reason=why) for r in readies], [])
         # The first request was recorded before the task was submitted; retries after it here.
         for attempt, ids in enumerate(sent.requests[1:], start=2):

@@ -124,6 +124,10 @@ def read_bytes(item: Item, source: SourceConfig, max_bytes: int | None = None) -
     ..." or "read_error: ..." when they cannot be had. Safe to call from many threads at once."""
     uri = item.uri
     try:
+        if uri.startswith("/"):
+            # A local absolute path: plain open() costs a third of fsspec's path handling.
+            with open(uri, "rb") as fh:
+                return fh.read() if max_bytes is None else fh.read(max_bytes)
         fs, path = _fs_for(uri, source)
         if max_bytes is None:
             return fs.cat_file(path)

@@ -72,6 +72,7 @@ class Store:
         # NORMAL in WAL mode survives a killed process (only power loss can drop the last commits).
         self.conn.execute("PRAGMA synchronous = NORMAL")
         self.conn.execute("PRAGMA foreign_keys = ON")
+        self.conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: resume reads the whole index
         if create:
             self._create_schema()
 
@@ -132,6 +133,7 @@ class Store:
                 if_not_exists=True,
             )
             db["attempts"].create_index(["job", "closed_at"], if_not_exists=True)
+            db["attempts"].create_index(["run_id", "batch"], if_not_exists=True)
             db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                               (str(SCHEMA_VERSION),))
@@ -144,6 +146,9 @@ class Store:
     # --- runs -----------------------------------------------------------------------------------
 
     def begin_run(self, job: str, *, pid: int, endpoint: str, budget: int) -> int:
+        with self._lock:
+            self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS listed (key TEXT PRIMARY KEY)")
+            self.conn.execute("DELETE FROM temp.listed")
         with self._tx() as c:
             # A run that is still "running" in the database but whose process is gone crashed.
             c.execute("UPDATE runs SET status = 'crashed' WHERE job = ? AND status = 'running'",
@@ -218,28 +223,30 @@ class Store:
 
     def _record_listed(self, job: str, listed: Sequence[Listed], run_id: int) -> None:
         now = utcnow()
-        to_pending = [(job, x.item.key, x.item.uri, x.item.size, x.item.fingerprint, now, now)
-                      for x in listed if x.kind in (NEW, CHANGED, CHANGED_REQUEST)]
-        keys = [x.item.key for x in listed]
+        to_pending = [(job, x.item.key, x.item.uri, x.item.size, x.item.fingerprint, run_id, now,
+                       now) for x in listed if x.kind in (NEW, CHANGED, CHANGED_REQUEST)]
         with self._tx() as c:
             c.executemany(
-                "INSERT INTO items (job, key, uri, size, fingerprint, state, first_seen, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT (job, key) DO UPDATE SET "
-                "uri = excluded.uri, size = excluded.size, fingerprint = excluded.fingerprint, "
+                "INSERT INTO items (job, key, uri, size, fingerprint, state, listed_run, "
+                "first_seen, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?) "
+                "ON CONFLICT (job, key) DO UPDATE SET uri = excluded.uri, size = excluded.size, "
+                "fingerprint = excluded.fingerprint, listed_run = excluded.listed_run, "
                 # The previous answer stays with its content hash and request signature: if the
                 # bytes turn out unchanged (a touched file), find_answer reuses it for free.
                 "state = 'pending', reason = NULL, updated_at = excluded.updated_at", to_pending)
-            for i in range(0, len(keys), 500):
-                part = keys[i:i + 500]
-                c.execute(f"UPDATE items SET listed_run = ?, missing = 0 WHERE job = ? AND key IN "
-                          f"({','.join('?' * len(part))})", (run_id, job, *part))
+            # What this run listed goes to a temporary table, not to every item's row: a rerun
+            # over a million unchanged images then writes nothing to the database file.
+            c.executemany("INSERT OR IGNORE INTO temp.listed VALUES (?)",
+                          [(x.item.key,) for x in listed])
             c.execute("UPDATE runs SET listed = listed + ? WHERE id = ?", (len(listed), run_id))
 
     def mark_missing(self, job: str, run_id: int) -> int:
         """After a complete listing: images the sources no longer list are kept, flagged missing."""
         with self._tx() as c:
-            cur = c.execute("UPDATE items SET missing = 1 WHERE job = ? AND "
-                            "(listed_run IS NULL OR listed_run < ?) AND missing = 0", (job, run_id))
+            cur = c.execute("UPDATE items SET missing = 1 WHERE job = ? AND missing = 0 AND "
+                            "key NOT IN (SELECT key FROM temp.listed)", (job,))
+            c.execute("UPDATE items SET missing = 0 WHERE job = ? AND missing = 1 AND "
+                      "key IN (SELECT key FROM temp.listed)", (job,))
             return cur.rowcount
 
     # --- outcomes -------------------------------------------------------------------------------
@@ -388,16 +395,17 @@ class Store:
         return out
 
     def failed_among_listed(self, job: str, run_id: int) -> int:
-        with self._lock:
-            row = self.conn.execute("SELECT count(*) FROM items WHERE job = ? AND state = 'failed'"
-                                    " AND listed_run = ?", (job, run_id)).fetchone()
-        return int(row[0])
+        return self._count_listed(job, "failed")
 
     def pending_among_listed(self, job: str, run_id: int) -> int:
+        return self._count_listed(job, "pending")
+
+    def _count_listed(self, job: str, state: str) -> int:
+        """Images of this run's listing in a state (the exit code speaks of those only)."""
         with self._lock:
-            row = self.conn.execute("SELECT count(*) FROM items WHERE job = ? AND "
-                                    "state = 'pending' AND listed_run = ?",
-                                    (job, run_id)).fetchone()
+            row = self.conn.execute("SELECT count(*) FROM items WHERE job = ? AND state = ? AND "
+                                    "key IN (SELECT key FROM temp.listed)",
+                                    (job, state)).fetchone()
         return int(row[0])
 
     def unanswered(self, job: str, *, running_run: int | None = None) -> list[dict[str, Any]]:

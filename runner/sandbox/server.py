@@ -26,6 +26,8 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body leave in separate writes: without this each answer waits for a delayed ACK.
+    disable_nagle_algorithm = True
     server_version = "ximilar-sandbox/1.0"
     sys_version = ""
     server: _Server
