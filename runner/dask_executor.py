@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
 import threading
 import uuid
 from collections import deque
@@ -135,9 +136,15 @@ def open_cluster(executor: ExecutorConfig, concurrency: int) -> Iterator[distrib
     # One thread per request the worker may have in flight, one more for preparation.
     threads = max(1, concurrency // n) + 1
     with distributed.LocalCluster(n_workers=n, threads_per_worker=threads, processes=True,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address=None, preload=[__name__]) as cluster, \
             distributed.Client(cluster, set_as_default=False) as client:
         yield client
+
+
+def dask_setup(worker: Any) -> None:
+    """Preloaded into the workers of a local cluster. A terminal's Ctrl-C reaches the whole
+    process group; only the run decides what it means (finish the requests in flight, stop)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --- the coordinator ---------------------------------------------------------------------------

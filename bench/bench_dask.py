@@ -1,0 +1,163 @@
+"""Benchmark: one job on a Dask cluster of 1, 2 and 4 workers against the emulator at 200 ms latency.
+
+    python -m bench.bench_dask [--images 3000] [--latency-ms 200] [--per-worker 8]
+
+Each worker may have `--per-worker` requests in flight (the job's concurrency is that times the
+number of workers), so the best any client can do grows with the workers: concurrency x batch /
+latency images per second. Reported per worker count: throughput and its ratio to the 1-worker
+run, and the coordinator's CPU share (its process CPU time / wall time). The coordinator runs in
+a child process of its own, the scheduler, the workers and the emulator elsewhere, so that its
+CPU time is its own; images per second divided by that share is how far one coordinator goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.fixtures import (
+    REPO,
+    TOKEN_ENV,
+    Figure,
+    child_env,
+    cpu_seconds,
+    print_figures,
+    write_job,
+    write_tiny_jpegs,
+)
+
+BENCH = "dask"
+BATCH = 10
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_dask", description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=3000, help="images to send (default 3000)")
+    parser.add_argument("--latency-ms", type=float, default=200.0,
+                        help="the emulator's latency per request (default 200)")
+    parser.add_argument("--per-worker", type=int, default=8,
+                        help="requests in flight per worker (default 8)")
+    parser.add_argument("--workers", default="1,2,4", help="worker counts (default 1,2,4)")
+    parser.add_argument("--child", nargs=2, metavar=("WARM_UP_JOB", "JOB"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(*args.child)))
+        return 0
+    figures = run(args)
+    print_figures(figures, "\ndask figures")
+    return 0
+
+
+def run(args: argparse.Namespace) -> list[Figure]:
+    import distributed
+
+    from runner.job import SandboxSettings
+    from runner.sandbox import Sandbox
+
+    n, latency_s = args.images, args.latency_ms / 1000
+    counts = [int(x) for x in args.workers.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="ximrun-bench-dask-"))
+    token = secrets.token_hex(8)
+    old_token = os.environ.get(TOKEN_ENV)
+    os.environ[TOKEN_ENV] = token
+    results: dict[int, dict[str, Any]] = {}
+    try:
+        seconds = write_tiny_jpegs(tmp / "images", n)
+        write_tiny_jpegs(tmp / "warm-up", 200, seed=1)
+        print(f"dask: {n:,} distinct 64x48 JPEGs written in {seconds:.1f} s; emulator latency "
+              f"{args.latency_ms:.0f} ms, batch {BATCH}, {args.per_worker} requests in flight "
+              f"per worker; {os.cpu_count()} CPUs here")
+        settings = SandboxSettings(latency_ms=args.latency_ms, token=token, credits=10**12,
+                                   max_records=BATCH)
+        with Sandbox(settings) as sb:
+            for workers in counts:
+                concurrency = args.per_worker * workers
+                with distributed.LocalCluster(n_workers=workers, processes=True,
+                                              threads_per_worker=args.per_worker + 1,
+                                              dashboard_address=None) as cluster:
+                    executor = (f'\n[executor]\nkind = "dask"\n'
+                                f'address = "{cluster.scheduler_address}"\n')
+                    jobs = [write_job(tmp, name=f"{name}-w{workers}", images=tmp / folder,
+                                      endpoint=sb.endpoint_url(), concurrency=concurrency,
+                                      batch_size=BATCH, db=f"{name}-w{workers}.db",
+                                      extra=executor)
+                            for name, folder in (("warm-up", "warm-up"), ("run", "images"))]
+                    r = _run_child(*jobs)
+                if r["done"] != n:
+                    raise SystemExit(f"dask: {r['done']} of {n} images done with {workers} "
+                                     f"worker(s): {r['status']}")
+                r["best"] = concurrency * BATCH / latency_s
+                results[workers] = r
+                _report(workers, concurrency, n, r)
+    finally:
+        if old_token is None:
+            os.environ.pop(TOKEN_ENV, None)
+        else:
+            os.environ[TOKEN_ENV] = old_token
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    base = n / results[counts[0]]["wall"]
+    figures: list[Figure] = []
+    for workers, r in results.items():
+        rate, share = n / r["wall"], r["cpu"] / r["wall"]
+        figures += [
+            Figure(BENCH, f"{workers} worker(s) img/s vs {counts[0]} worker(s)", rate / base,
+                   ".2f", "", None),
+            Figure(BENCH, f"{workers} worker(s) achieved / theoretical", rate / r["best"],
+                   ".2f", "", None),
+            Figure(BENCH, f"{workers} worker(s) coordinator CPU share", share, ".1%", "", None),
+            Figure(BENCH, f"{workers} worker(s) one coordinator's ceiling, img/s",
+                   rate / max(share, 1e-9), ",.0f", "", None),
+        ]
+    return figures
+
+
+def _run_child(warm_up: Path, job: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.bench_dask", "--child", str(warm_up), str(job)]
+    out = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True,
+                         check=False, timeout=3600)
+    if out.returncode != 0:
+        raise SystemExit(f"dask: the coordinator failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _report(workers: int, concurrency: int, n: int, r: dict[str, Any]) -> None:
+    rate = n / r["wall"]
+    print(f"\n{workers} worker(s), concurrency {concurrency}: {n:,} images in {r['wall']:.2f} s "
+          f"({r['requests']} requests) = {rate:,.0f} img/s; theoretical best {r['best']:,.0f} "
+          f"img/s -> {rate / r['best']:.2f}")
+    print(f"  coordinator CPU {r['cpu']:.2f} s = {r['cpu'] / r['wall']:.1%} of one core "
+          f"({r['cpu'] / n * 1e6:.0f} us per image)")
+
+
+# --- the child: the coordinator alone in its process --------------------------------------------
+
+
+def _child(warm_up: str, job_file: str) -> dict[str, Any]:
+    """Run the warm-up job (the workers import and connect), then the measured one."""
+    from runner.job import load_job
+    from runner.pipeline import run_job
+
+    run_job(load_job(warm_up))
+    job = load_job(job_file)
+    cpu = cpu_seconds()
+    started = time.perf_counter()
+    summary = run_job(job)
+    wall = time.perf_counter() - started
+    return {"wall": wall, "cpu": cpu_seconds() - cpu, "done": summary.done,
+            "status": summary.status, "requests": summary.requests}
+
+
+if __name__ == "__main__":
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    raise SystemExit(main())
