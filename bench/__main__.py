@@ -14,7 +14,14 @@ import argparse
 import time
 from types import ModuleType
 
-from bench import bench_listing, bench_memory, bench_pipeline, bench_prepare, bench_resume
+from bench import (
+    bench_dask,
+    bench_listing,
+    bench_memory,
+    bench_pipeline,
+    bench_prepare,
+    bench_resume,
+)
 from bench.fixtures import Figure, all_met, print_figures
 
 # name -> (module, quick arguments, full arguments)
@@ -25,6 +32,7 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str]]] = {
     "resume": (bench_resume, ["--images", "200000"], ["--images", "1000000"]),
     "memory": (bench_memory, ["--images", "30000"], ["--images", "100000"]),
     "listing": (bench_listing, ["--keys", "20000"], ["--keys", "100000"]),
+    "dask": (bench_dask, ["--images", "1000"], ["--images", "3000"]),
 }
 
 
