@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -91,6 +92,19 @@ def sent(sb: Sandbox) -> Counter[str]:
     return Counter(e.record_id for e in sb.ledger())
 
 
+def done_count(db: Path) -> int:
+    """Images done so far, read without taking part in the run's writes."""
+    if not db.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute("SELECT count(*) FROM items WHERE state = 'done'").fetchone()[0]
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return 0
+    finally:
+        conn.close()
+
+
 def wait_for(condition, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -156,7 +170,10 @@ def test_coordinator_killed_mid_run_then_rerun_completes(tmp_path):
         proc = subprocess.Popen([*cmd, str(job)], env=env, cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_for(lambda: len(sb.ledger()) >= 3 * BATCH or proc.poll() is not None)
+            # killed once some answers are committed and more requests are in flight
+            wait_for(lambda: proc.poll() is not None
+                     or (done_count(tmp_path / "state" / "c.db") >= 2 * BATCH
+                         and len(sb.ledger()) >= 4 * BATCH), timeout_s=120)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
