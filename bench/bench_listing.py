@@ -22,6 +22,8 @@ from hashlib import md5
 from pathlib import Path
 from typing import Any
 
+from bench.fixtures import status_kb
+
 REPO = Path(__file__).resolve().parent.parent
 GOAL_MB = 150.0
 PREFIX = "incoming/"
@@ -188,15 +190,6 @@ def _mb(kb: int) -> str:
 # --- the children: one listing each, measured from inside ---------------------------------------
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass  # not Linux: the caller falls back to ru_maxrss
-    return None
 
 
 def _reset_peak() -> bool:
@@ -244,8 +237,8 @@ def _child(who: str, endpoint: str, bucket: str) -> dict[str, Any]:
     # Not ru_maxrss where /proc has VmHWM: Linux carries ru_maxrss over from the parent across
     # fork and exec, so a child of the big moto process would report the parent's peak.
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    start_kb = _status_kb("VmRSS") or maxrss
-    startup_peak_kb = _status_kb("VmHWM") or maxrss
+    start_kb = status_kb("VmRSS") or maxrss
+    startup_peak_kb = status_kb("VmHWM") or maxrss
     reset = _reset_peak()
     cpu_before = _cpu_seconds()
     started = time.perf_counter()
@@ -253,7 +246,7 @@ def _child(who: str, endpoint: str, bucket: str) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     cpu = _cpu_seconds() - cpu_before
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    listing_peak_kb = (_status_kb("VmHWM") if reset else None) or maxrss
+    listing_peak_kb = (status_kb("VmHWM") if reset else None) or maxrss
     peak_kb = max(startup_peak_kb, listing_peak_kb)
     return {"keys": count, "seconds": seconds, "cpu": cpu, "start_kb": start_kb,
             "peak_kb": peak_kb, "listing_peak_kb": listing_peak_kb}

@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import io
 import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from PIL import Image
+from cli_driver import TOKEN, export, invoke, jpeg
 
-from runner.cli import main
 from runner.job import SandboxSettings
 from runner.sandbox import Sandbox
-
-TOKEN = "test-token"
-
-
-def invoke(*args: str, env: dict[str, str] | None = None):
-    runner = CliRunner()
-    return runner.invoke(main, list(args), env={"XIMILAR_TOKEN": TOKEN, **(env or {})},
-                         catch_exceptions=False)
 
 
 def write_job(tmp: Path, sb: Sandbox, src: Path | str, extra: str = "", name: str = "t",
@@ -46,16 +35,8 @@ db = "state/{name}.db"
     return job
 
 
-def jpeg(color: tuple[int, int, int], size=(64, 48)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "JPEG")
-    return buf.getvalue()
 
 
-def export(job: Path) -> dict[str, dict]:
-    res = invoke("export", str(job))
-    assert res.exit_code == 0, res.output
-    return {row["key"]: row for row in map(json.loads, res.output.splitlines())}
 
 
 def sent_ids(sb: Sandbox) -> list[str]:

@@ -4,7 +4,6 @@ local folders and moto's S3 server; the emulator's ledger says what was really s
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -12,24 +11,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from PIL import Image
+from cli_driver import export, invoke, jpeg, plan_json, status
 
-from runner.cli import main
 from runner.sandbox import Sandbox
-
-TOKEN = "test-token"
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args), env={"XIMILAR_TOKEN": TOKEN},
-                              catch_exceptions=False)
-
-
-def jpeg(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def write_job(tmp: Path, sb: Sandbox, paths: list[str], *, name: str = "r", db: str = "state.db",
@@ -53,20 +37,10 @@ def run_json(job: Path) -> dict:
     return json.loads(res.stdout)
 
 
-def plan_json(job: Path) -> dict:
-    res = invoke("plan", str(job), "--json")
-    assert res.exit_code == 0, res.output
-    return json.loads(res.stdout)
 
 
-def export(job: Path) -> dict[str, dict]:
-    res = invoke("export", str(job))
-    assert res.exit_code == 0, res.output
-    return {row["key"]: row for row in map(json.loads, res.output.splitlines())}
 
 
-def status(job: Path) -> dict:
-    return json.loads(invoke("status", str(job), "--json").stdout)
 
 
 RED, GREEN, BLUE, GREY = (jpeg(c) for c in [(200, 20, 20), (20, 200, 20), (20, 20, 200),

@@ -13,26 +13,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from click.testing import CliRunner
+from cli_driver import TOKEN, export, invoke, jpeg, plan_json, status
 from PIL import Image
 
-from runner.cli import main
 from runner.job import SandboxSettings
 from runner.sandbox import Sandbox
 
-TOKEN = "test-token"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args), env={"XIMILAR_TOKEN": TOKEN},
-                              catch_exceptions=False)
 
 
-def jpeg(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def write_job(tmp: Path, sb: Sandbox, source: str, *, bucket=None, api: str = "",
@@ -54,20 +45,10 @@ def run_json(job: Path, *args: str) -> tuple[int, dict]:
     return res.exit_code, json.loads(res.stdout)
 
 
-def plan_json(job: Path) -> dict:
-    res = invoke("plan", str(job), "--json")
-    assert res.exit_code == 0, res.output
-    return json.loads(res.stdout)
 
 
-def export(job: Path) -> dict[str, dict]:
-    res = invoke("export", str(job))
-    assert res.exit_code == 0, res.output
-    return {row["key"]: row for row in map(json.loads, res.output.splitlines())}
 
 
-def status(job: Path) -> dict:
-    return json.loads(invoke("status", str(job), "--json").stdout)
 
 
 # --- S3 prefixes -------------------------------------------------------------------------------
