@@ -69,12 +69,15 @@ def run(args: argparse.Namespace) -> list[Figure]:
         size = (tmp / "state.db").stat().st_size / 1e6
         print(f"resume: {n:,} done rows written in {seconds:.1f} s ({size:.0f} MB database)")
         listing = [_run_child("listing", job_path)]
-        rerun = _run_child("rerun", job_path)
+        # Best of two on both sides: the first rerun also pays the checkpoint of the freshly
+        # written database's WAL, which a real rerun a day later does not.
+        reruns = [_run_child("rerun", job_path), _run_child("rerun", job_path)]
         listing.append(_run_child("listing", job_path))
+        rerun = min(reruns, key=lambda r: r["seconds"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    for r in (*listing, rerun):
+    for r in (*listing, *reruns):
         if r["items"] != n:
             raise SystemExit(f"resume: a child saw {r['items']:,} images, expected {n:,}: {r}")
     base = min(listing, key=lambda r: r["seconds"])
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> list[Figure]:
     peak = rerun["peak_kb"] / 1024
     print(f"\nlisting alone: {base['seconds']:.2f} s (runs: "
           f"{', '.join(format(r['seconds'], '.2f') for r in listing)}), peak {base['peak_kb'] / 1024:.0f} MB")
-    print(f"rerun, nothing to send: {rerun['seconds']:.2f} s = {ratio:.2f}x the listing; "
+    print(f"rerun, nothing to send: {rerun['seconds']:.2f} s (runs: "
+          f"{', '.join(format(r['seconds'], '.2f') for r in reruns)}) = {ratio:.2f}x the listing; "
           f"peak {peak:.0f} MB; {rerun['cpu']:.2f} s CPU")
     return [
         Figure(BENCH, f"rerun / listing ({n:,} done)", ratio, ".2f", f"< {TIME_GOAL}x",
