@@ -16,6 +16,7 @@ import os
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
@@ -256,11 +257,12 @@ class _Run:
         for chunk in iter_chunks(sources.list_items(self.job.source, on_skip=skipped), LIST_CHUNK):
             listed = self.store.classify(self.job.name, chunk, request_sig=self.request_sig,
                                          prep_sig=self.prep_sig, run_id=self.run_id)
+            kinds = Counter(x.kind for x in listed)
             with self._lock:
                 s.listed += len(listed)
-                for x in listed:
-                    name = KIND_COUNTERS[x.kind]
-                    setattr(s, name, getattr(s, name) + 1)
+                for kind, n in kinds.items():
+                    name = KIND_COUNTERS[kind]
+                    setattr(s, name, getattr(s, name) + n)
             self._report()
             for x in listed:
                 if x.kind in TO_SEND:

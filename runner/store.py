@@ -195,30 +195,36 @@ class Store:
         if not items:
             return []
         keys = [it.key for it in items]
-        known: dict[str, sqlite3.Row] = {}
+        # Plain tuples, not sqlite3.Row: a rerun looks up every listed image here.
+        known: dict[str, tuple[Any, ...]] = {}
         with self._lock:
+            cur = self.conn.cursor()
+            cur.row_factory = None
             for i in range(0, len(keys), 500):
                 part = keys[i:i + 500]
                 q = ("SELECT key, fingerprint, state, reason, request_sig, prep_sig FROM items "
                      f"WHERE job = ? AND key IN ({','.join('?' * len(part))})")
-                for row in self.conn.execute(q, (job, *part)):
-                    known[row["key"]] = row
+                for key, *rest in cur.execute(q, (job, *part)):
+                    known[key] = tuple(rest)
         out: list[Listed] = []
         for it in items:
             row = known.get(it.key)
             if row is None:
                 kind = NEW
-            elif row["fingerprint"] != it.fingerprint:
+                out.append(Listed(it, kind))
+                continue
+            fingerprint, state, reason, req_sig, row_prep_sig = row
+            if fingerprint != it.fingerprint:
                 kind = CHANGED
-            elif row["state"] == DONE:
-                kind = UNCHANGED if row["request_sig"] == request_sig else CHANGED_REQUEST
-            elif row["state"] == REJECTED:
+            elif state == DONE:
+                kind = UNCHANGED if req_sig == request_sig else CHANGED_REQUEST
+            elif state == REJECTED:
                 # A rejection belongs to the format policy: a new policy looks again.
-                kind = UNCHANGED if row["prep_sig"] == prep_sig else CHANGED
-            elif row["state"] == FAILED:
+                kind = UNCHANGED if row_prep_sig == prep_sig else CHANGED
+            elif state == FAILED:
                 kind = KEPT_FAILED
             else:
-                kind = RETRY if row["reason"] == RETRY_REASON else RESUMED
+                kind = RETRY if reason == RETRY_REASON else RESUMED
             out.append(Listed(it, kind))
         if run_id is not None:
             self._record_listed(job, out, run_id)
