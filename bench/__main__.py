@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_args = full if args.full else quick
         print(f"\n=== {name}: {' '.join(bench_args)} ===", flush=True)
         started = time.monotonic()
-        if hasattr(module, "run"):
+        if hasattr(module, "run") and hasattr(module, "build_parser"):
             figures += module.run(module.build_parser().parse_args(bench_args))
         else:  # it prints its own report and says by its exit status whether its goal is met
             ok = module.main(bench_args) == 0

@@ -72,7 +72,6 @@ class Store:
         # NORMAL in WAL mode survives a killed process (only power loss can drop the last commits).
         self.conn.execute("PRAGMA synchronous = NORMAL")
         self.conn.execute("PRAGMA foreign_keys = ON")
-        self.conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: resume reads the whole index
         if create:
             self._create_schema()
 
@@ -147,9 +146,9 @@ class Store:
 
     def begin_run(self, job: str, *, pid: int, endpoint: str, budget: int) -> int:
         with self._lock:
-            # A heap in memory, indexed once when it is asked (mark_missing, the exit code):
-            # far cheaper than keeping a B-tree sorted through a million inserts.
-            self.conn.execute("PRAGMA temp_store = MEMORY")
+            # A heap, indexed once when it is asked (mark_missing, the exit code): far cheaper
+            # than keeping a B-tree sorted through a million inserts. It lives in a temporary
+            # file, not in memory, so a listing of millions of keys does not grow the process.
             self.conn.execute("DROP TABLE IF EXISTS temp.listed")
             self.conn.execute("CREATE TEMP TABLE listed (key TEXT)")
         with self._tx() as c:
