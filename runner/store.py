@@ -10,7 +10,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -473,9 +473,6 @@ class Store:
         finally:
             conn.close()
 
-    def jobs(self) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self.conn.execute("SELECT DISTINCT job FROM items")]
 
 
 class _Transaction:
@@ -521,7 +518,3 @@ def iter_chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def as_json(value: Mapping[str, Any]) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
