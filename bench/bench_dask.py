@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -26,11 +25,11 @@ from typing import Any
 
 from bench.fixtures import (
     REPO,
-    TOKEN_ENV,
     Figure,
     child_env,
     cpu_seconds,
     print_figures,
+    set_bench_token,
     write_job,
     write_tiny_jpegs,
 )
@@ -66,9 +65,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
     n, latency_s = args.images, args.latency_ms / 1000
     counts = [int(x) for x in args.workers.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="ximrun-bench-dask-"))
-    token = secrets.token_hex(8)
-    old_token = os.environ.get(TOKEN_ENV)
-    os.environ[TOKEN_ENV] = token
+    token, restore_token = set_bench_token()
     results: dict[int, dict[str, Any]] = {}
     try:
         seconds = write_tiny_jpegs(tmp / "images", n)
@@ -99,10 +96,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
                 results[workers] = r
                 _report(workers, concurrency, n, r)
     finally:
-        if old_token is None:
-            os.environ.pop(TOKEN_ENV, None)
-        else:
-            os.environ[TOKEN_ENV] = old_token
+        restore_token()
         shutil.rmtree(tmp, ignore_errors=True)
 
     base = n / results[counts[0]]["wall"]

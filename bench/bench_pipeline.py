@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import functools
 import os
-import secrets
 import shutil
 import tempfile
 import threading
@@ -33,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.fixtures import (
-    TOKEN_ENV,
     Figure,
     all_met,
     cpu_seconds,
     lean_emulator,
     print_figures,
+    set_bench_token,
     write_job,
     write_tiny_jpegs,
 )
@@ -72,9 +71,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
 
     n, latency_s = args.images, args.latency_ms / 1000
     tmp = Path(tempfile.mkdtemp(prefix="ximrun-bench-"))
-    token = secrets.token_hex(8)
-    old_token = os.environ.get(TOKEN_ENV)
-    os.environ[TOKEN_ENV] = token
+    token, restore_token = set_bench_token()
     figures: list[Figure] = []
     try:
         seconds = write_tiny_jpegs(tmp / "images", n)
@@ -109,10 +106,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
                            m.prep_s / m.wall, ".1%", "", None),
                 ]
     finally:
-        if old_token is None:
-            os.environ.pop(TOKEN_ENV, None)
-        else:
-            os.environ[TOKEN_ENV] = old_token
+        restore_token()
         shutil.rmtree(tmp, ignore_errors=True)
     return figures
 

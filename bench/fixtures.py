@@ -11,13 +11,30 @@ import hashlib
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN_ENV = "XIMRUN_BENCH_TOKEN"
+
+
+def set_bench_token() -> tuple[str, Callable[[], None]]:
+    """A fresh token in TOKEN_ENV for this process; returns it and how to put the old value back."""
+    import secrets
+
+    token = secrets.token_hex(8)
+    old = os.environ.get(TOKEN_ENV)
+    os.environ[TOKEN_ENV] = token
+
+    def restore() -> None:
+        if old is None:
+            os.environ.pop(TOKEN_ENV, None)
+        else:
+            os.environ[TOKEN_ENV] = old
+
+    return token, restore
 FILES_PER_FOLDER = 1000  # generated trees are spread so that no folder gets huge
 
 

@@ -269,8 +269,10 @@ def big_jpeg() -> bytes:
     return encode(picture((4000, 3000)), "JPEG", quality=90)
 
 
-def test_large_jpeg_is_decoded_at_reduced_scale_then_resized(big_jpeg: bytes, monkeypatch) -> None:
-    scales = []
+@pytest.fixture
+def draft_scales(monkeypatch) -> list[tuple[int, int]]:
+    """The sizes libjpeg was asked to decode at, recorded for every JPEG draft call."""
+    scales: list[tuple[int, int]] = []
     original = JpegImagePlugin.JpegImageFile.draft
 
     def spy(self, mode, size):
@@ -279,26 +281,22 @@ def test_large_jpeg_is_decoded_at_reduced_scale_then_resized(big_jpeg: bytes, mo
         return result
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    return scales
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_then_resized(big_jpeg: bytes,
+                                                             draft_scales) -> None:
     result = prepared(big_jpeg, ImagePolicy(max_side=1024))
-    assert set(scales) == {(2000, 1500)}  # libjpeg decoded at 1/2: never the full 12 MP
+    assert set(draft_scales) == {(2000, 1500)}  # libjpeg decoded at 1/2: never the full 12 MP
     assert result.verdict == Verdict("convert", "jpeg", "resize")
     assert (result.width, result.height) == (1024, 768)
     sent = decode(result.data)
     assert sent.format == "JPEG" and sent.size == (1024, 768) and sent.mode == "RGB"
 
 
-def test_accepted_jpeg_is_validated_at_one_eighth_scale(big_jpeg: bytes, monkeypatch) -> None:
-    scales = []
-    original = JpegImagePlugin.JpegImageFile.draft
-
-    def spy(self, mode, size):
-        result = original(self, mode, size)
-        scales.append(self.size)
-        return result
-
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+def test_accepted_jpeg_is_validated_at_one_eighth_scale(big_jpeg: bytes, draft_scales) -> None:
     assert prepared(big_jpeg).data is big_jpeg
-    assert set(scales) == {(500, 375)}
+    assert set(draft_scales) == {(500, 375)}
     cut = big_jpeg[: len(big_jpeg) * 3 // 4]
     assert check_bytes(cut, DEFAULT) == Verdict("reject", "jpeg", "truncated")
 
