@@ -5,15 +5,18 @@
 With `concurrency` requests in flight, `batch_size` images each and `latency` per request, no
 client can beat concurrency x batch_size / latency images per second: that is the baseline.
 Goals: 0.9 of it at concurrency 8, 0.8 at concurrency 32, and SQLite under 5% of the wall time.
-The store's share is measured by timing every `Store` method called during the run (sum of the
-time inside them, over all threads, divided by the wall time); preparation likewise for
-`prepare_item`, which runs on a pool so that its share may exceed 100%.
+SQLite's share is the time the store's writer thread spends inside transactions plus the time
+the coordinator spends reading, over the wall time (`Store.stats`); also reported, how long a
+request's thread waits for its commits (its attempt row before it leaves, its answers after),
+against the latency. Preparation is timed around `prepare_item`, on a pool, so its share may
+exceed 100%.
 
 A second baseline, a bare client (prebuilt bodies, one requests.Session per thread, nothing
-else), shows what this emulator and this machine allow at all: the emulator runs in this
-process and spends CPU on every request, which the real API spends on its own machines.
-What measures only the emulator is set aside (`fixtures.lean_emulator`): Nagle's delay on its
-sockets and its pixel analysis (`--emulator-analysis` keeps the analysis).
+else), shows what this emulator and this machine allow at all: the emulator runs in a process
+of its own (bench/emulator.py), as the API runs on machines of its own, but on the same two
+cores, spending CPU on every request. What measures only the emulator is set aside
+(`fixtures.lean_emulator`): Nagle's delay on its sockets and its pixel analysis
+(`--emulator-analysis` keeps the analysis).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ from bench.fixtures import (
     Figure,
     all_met,
     cpu_seconds,
-    lean_emulator,
+    emulator_process,
     print_figures,
     set_bench_token,
     write_job,
@@ -66,9 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> list[Figure]:
-    from runner.job import SandboxSettings
-    from runner.sandbox import Sandbox
-
     n, latency_s = args.images, args.latency_ms / 1000
     tmp = Path(tempfile.mkdtemp(prefix="ximrun-bench-"))
     token, restore_token = set_bench_token()
@@ -78,14 +78,13 @@ def run(args: argparse.Namespace) -> list[Figure]:
         write_tiny_jpegs(tmp / "warm-up", 100, seed=1)
         print(f"pipeline: {n:,} distinct 64x48 JPEGs written in {seconds:.1f} s; emulator latency "
               f"{args.latency_ms:.0f} ms, batch {BATCH}")
-        settings = SandboxSettings(latency_ms=args.latency_ms, token=token,
-                                   credits=10**12, max_records=BATCH)
-        with lean_emulator(args.emulator_analysis), Sandbox(settings) as sb:
+        with emulator_process(latency_ms=args.latency_ms, token=token,
+                              analysis=args.emulator_analysis, max_records=BATCH) as endpoint:
             # Imports, thread pools, the first connections: paid once, outside the measurement.
-            _measured_run(tmp, "warm-up", tmp / "warm-up", sb.endpoint_url(), 8)
+            _measured_run(tmp, "warm-up", tmp / "warm-up", endpoint, 8)
             for concurrency, goal in RUNS:
-                bare = _bare_client(tmp / "images", n, sb.endpoint_url(), token, concurrency)
-                m = _measured_run(tmp, f"c{concurrency}", tmp / "images", sb.endpoint_url(),
+                bare = _bare_client(tmp / "images", n, endpoint, token, concurrency)
+                m = _measured_run(tmp, f"c{concurrency}", tmp / "images", endpoint,
                                   concurrency)
                 if m.done != n:
                     raise SystemExit(f"pipeline: {m.done} of {n} images done at concurrency "
@@ -100,8 +99,8 @@ def run(args: argparse.Namespace) -> list[Figure]:
                            n / bare / best, ".2f", "", None),
                     Figure(BENCH, f"c={concurrency} SQLite share of wall", m.store_s / m.wall,
                            ".1%", f"< {STORE_GOAL:.0%}", m.store_s / m.wall < STORE_GOAL),
-                    Figure(BENCH, f"c={concurrency} SQLite CPU share of wall (no lock waits)",
-                           m.store_cpu_s / m.wall, ".1%", "", None),
+                    Figure(BENCH, f"c={concurrency} store wait per request / latency",
+                           m.wait_per_request() / latency_s, ".1%", "", None),
                     Figure(BENCH, f"c={concurrency} preparation, thread-s per wall s",
                            m.prep_s / m.wall, ".1%", "", None),
                 ]
@@ -121,12 +120,24 @@ class Measured:
     done: int = 0
     status: str = ""
     requests: int = 0
-    store_s: float = 0.0
-    store_cpu_s: float = 0.0  # CPU time of the calling threads inside the store (no lock waits)
-    store_busy_s: float = 0.0  # wall time during which at least one thread was inside the store
-    store_calls: dict[str, list[float]] = field(default_factory=dict)  # name -> [calls, seconds]
+    write_s: float = 0.0  # the store's writer inside transactions (one thread)
+    write_cpu_s: float = 0.0  # its CPU time there: SQLite's work without interpreter-lock waits
+    read_s: float = 0.0  # the coordinator's reads (classification, answers to reuse)
+    transactions: int = 0
+    writes: int = 0
+    waits: dict[str, list[float]] = field(default_factory=dict)  # name -> [calls, seconds]
     prep_s: float = 0.0
     prep_calls: int = 0
+
+    @property
+    def store_s(self) -> float:
+        return self.write_s + self.read_s
+
+    def wait_per_request(self) -> float:
+        """Seconds a request's thread waits for the store: its attempt row, then its answers."""
+        calls = self.waits.get("record_attempt", [0, 0.0])
+        total = sum(s for _, s in self.waits.values())
+        return total / max(calls[0], 1)
 
 
 def _measured_run(tmp: Path, name: str, images: Path, endpoint: str, concurrency: int) -> Measured:
@@ -136,7 +147,7 @@ def _measured_run(tmp: Path, name: str, images: Path, endpoint: str, concurrency
     job = load_job(write_job(tmp, name=name, images=images, endpoint=endpoint,
                              concurrency=concurrency, batch_size=BATCH, db=f"{name}.db"))
     m = Measured()
-    with _timed_store(m), _timed_preparation(m):
+    with _store_stats(m), _timed_preparation(m):
         cpu = cpu_seconds()
         started = time.perf_counter()
         summary = run_job(job)
@@ -147,58 +158,34 @@ def _measured_run(tmp: Path, name: str, images: Path, endpoint: str, concurrency
 
 
 @contextlib.contextmanager
-def _timed_store(m: Measured) -> Iterator[None]:
-    """Wrap every public Store method (and its constructor) in a timer for the duration."""
+def _store_stats(m: Measured) -> Iterator[None]:
+    """Collect the stats of every Store opened meanwhile (the run opens one)."""
     from runner.store import Store
 
-    depth = threading.local()
-    lock = threading.Lock()
-    spans: list[tuple[float, float]] = []
+    stores: list[Store] = []
+    original = Store.__init__
 
-    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            level = getattr(depth, "n", 0)
-            if level:  # a store method calling another: counted once, by the outer one
-                return fn(*args, **kwargs)
-            depth.n = 1
-            cpu, started = time.thread_time(), time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                ended = time.perf_counter()
-                depth.n = 0
-                with lock:
-                    spans.append((started, ended))
-                    m.store_cpu_s += time.thread_time() - cpu
-                    calls = m.store_calls.setdefault(name, [0, 0.0])
-                    calls[0] += 1
-                    calls[1] += ended - started
+    @functools.wraps(original)
+    def init(self: Store, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        stores.append(self)
 
-        return wrapper
-
-    names = [k for k, v in vars(Store).items()
-             if callable(v) and (not k.startswith("_") or k in ("__init__", "__exit__"))]
-    originals = {k: vars(Store)[k] for k in names}
-    for k, fn in originals.items():
-        setattr(Store, k, timed(k, fn))
+    Store.__init__ = init  # type: ignore[method-assign]
     try:
         yield
     finally:
-        for k, fn in originals.items():
-            setattr(Store, k, fn)
-        m.store_s = sum(e - s for s, e in spans)
-        m.store_busy_s = _union(spans)
-
-
-def _union(spans: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(spans):
-        if e <= end:
-            continue
-        total += e - max(s, end)
-        end = e
-    return total
+        Store.__init__ = original  # type: ignore[method-assign]
+        for store in stores:
+            st = store.stats
+            m.write_s += st.write_s
+            m.write_cpu_s += st.write_cpu_s
+            m.read_s += st.read_s
+            m.transactions += st.transactions
+            m.writes += st.writes
+            for name, (calls, seconds) in st.waits.items():
+                mine = m.waits.setdefault(name, [0, 0.0])
+                mine[0] += calls
+                mine[1] += seconds
 
 
 @contextlib.contextmanager
@@ -267,11 +254,12 @@ def _report(concurrency: int, n: int, best: float, m: Measured, bare: float) -> 
           f"(ximrun / bare {achieved / bare:.2f})")
     print(f"  process CPU {m.cpu:.2f} s = {m.cpu / m.wall:.2f} cores busy on average "
           f"({os.cpu_count()} here; the emulator shares this process)")
-    print(f"  SQLite: {m.store_s:.3f} s inside Store methods = {m.store_s / m.wall:.1%} of wall "
-          f"(CPU inside them {m.store_cpu_s / m.wall:.1%}; store busy {m.store_busy_s / m.wall:.1%}"
-          " of wall: time with a call in progress)")
-    top = sorted(m.store_calls.items(), key=lambda kv: -kv[1][1])[:5]
-    print("    " + ", ".join(f"{k} {c:.0f}x {s * 1000:.0f} ms" for k, (c, s) in top))
+    print(f"  SQLite: writer {m.write_s:.3f} s in {m.transactions} transactions for {m.writes} "
+          f"writes (its CPU {m.write_cpu_s:.3f} s), reads {m.read_s:.3f} s = "
+          f"{m.store_s / m.wall:.1%} of wall")
+    waits = ", ".join(f"{k} {c:.0f}x {s / max(c, 1) * 1000:.1f} ms" for k, (c, s) in m.waits.items())
+    print(f"    a request's thread waits for its commits: {waits} "
+          f"= {m.wait_per_request() * 1000:.1f} ms per request")
     per = m.prep_s / max(m.prep_calls, 1) * 1e6
     print(f"  preparation: {m.prep_s:.2f} thread-s over {m.prep_calls:,} images "
           f"({per:.0f} us each) = {m.prep_s / m.wall:.1%} of wall (on a pool)")

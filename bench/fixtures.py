@@ -160,6 +160,35 @@ def lean_emulator(analysis: bool) -> Iterator[None]:
         service.read_picture = read_picture
 
 
+@contextlib.contextmanager
+def emulator_process(*, latency_ms: float, token: str, analysis: bool = False,
+                     max_records: int = 10) -> Iterator[str]:
+    """The lean emulator served by a child process (bench/emulator.py); yields its endpoint URL."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "bench.emulator", "--latency-ms", str(latency_ms),
+            "--token", token, "--max-records", str(max_records)]
+    if analysis:
+        args.append("--analysis")
+    child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env=child_env(), text=True)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().split()
+        if len(line) != 2 or line[0] != "endpoint":
+            raise SystemExit(f"the emulator process did not start (said {line!r})")
+        yield line[1]
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
 # --- memory ------------------------------------------------------------------------------------
 
 

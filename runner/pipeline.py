@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
+import queue
 import secrets
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
@@ -35,7 +36,6 @@ from runner.store import (
     NEW,
     RESUMED,
     RETRY,
-    TO_SEND,
     UNCHANGED,
     Answer,
     Listed,
@@ -255,18 +255,15 @@ class _Run:
             s.skipped_rows += 1
 
         for chunk in iter_chunks(sources.list_items(self.job.source, on_skip=skipped), LIST_CHUNK):
-            listed = self.store.classify(self.job.name, chunk, request_sig=self.request_sig,
-                                         prep_sig=self.prep_sig, run_id=self.run_id)
-            kinds = Counter(x.kind for x in listed)
+            classified = self.store.classify(self.job.name, chunk, request_sig=self.request_sig,
+                                             prep_sig=self.prep_sig, run_id=self.run_id)
             with self._lock:
-                s.listed += len(listed)
-                for kind, n in kinds.items():
+                s.listed += len(chunk)
+                for kind, n in classified.counts.items():
                     name = KIND_COUNTERS[kind]
                     setattr(s, name, getattr(s, name) + n)
             self._report()
-            for x in listed:
-                if x.kind in TO_SEND:
-                    yield x
+            yield from classified.to_send
 
     def _report(self) -> None:
         if self.progress is not None:
@@ -333,8 +330,12 @@ class _Run:
         stopped_by: str | None = None  # "interrupted", "auth" or "budget": nothing more is sent
         taken = 0
         batch: list[Ready] = []
+        prepared: list[Ready | Refused] = []  # finished, not yet routed
         prep_inflight: set[Future[Ready | Refused]] = set()
         send_inflight: set[Future[int]] = set()
+        # Finished futures arrive here: one wake-up per completion, not a scan of hundreds of
+        # futures (concurrent.futures.wait locks every one of them on every call).
+        finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
         limit = self.options.limit
         last_beat = time.monotonic()
 
@@ -346,7 +347,7 @@ class _Run:
                 # waiting for a batch count too, or a slow API would let every image's bytes pile
                 # up in memory
                 while (stopped_by is None and not intake_done
-                       and len(prep_inflight) + len(batch) < prep_window):
+                       and len(prep_inflight) + len(prepared) + len(batch) < prep_window):
                     if limit is not None and taken >= limit:
                         intake_done = limited = True
                         break
@@ -355,16 +356,19 @@ class _Run:
                         intake_done = exhausted = True
                         break
                     taken += 1
-                    prep_inflight.add(prep_pool.submit(prepare_item, job, nxt.item))
-                # 2. route prepared images: refused, reused, waiting on a copy, or into a batch
-                finished = [f for f in prep_inflight if f.done()]
-                if finished:
-                    prep_inflight.difference_update(finished)
-                    if stopped_by is None:
-                        self._route([f.result() for f in finished], batch)
+                    f = prep_pool.submit(prepare_item, job, nxt.item)
+                    prep_inflight.add(f)
+                    f.add_done_callback(finished.put)
+                # 2. route prepared images: refused, reused, waiting on a copy, or into a batch;
+                # a batch's worth at a time (one database question for all of them)
+                if stopped_by is not None:
+                    prepared.clear()
+                elif prepared and (len(prepared) >= bs or not prep_inflight):
+                    self._route(prepared, batch)
+                    prepared = []
                 # 3. dispatch batches that are full, or the last one once nothing else comes
                 while batch and stopped_by is None and len(send_inflight) < send_window:
-                    last = intake_done and not prep_inflight
+                    last = intake_done and not prep_inflight and not prepared
                     if len(batch) < bs and not last:
                         break
                     n = self._affordable(min(bs, len(batch)))
@@ -373,28 +377,36 @@ class _Run:
                             stopped_by = "budget"
                         break
                     take, batch[:n] = batch[:n], []
-                    send_inflight.add(send_pool.submit(self._send, self._next_batch(), take))
+                    f = send_pool.submit(self._send, self._next_batch(), take)
+                    send_inflight.add(f)
+                    f.add_done_callback(finished.put)
                 # 4. finished?
                 if stopped_by is not None and not send_inflight:
                     break
-                if intake_done and not prep_inflight and not batch and not send_inflight:
+                if (intake_done and not prep_inflight and not prepared and not batch
+                        and not send_inflight):
                     break
-                pending = prep_inflight | send_inflight
-                if pending:
-                    wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                if prep_inflight or send_inflight:
+                    done = _take_finished(finished, timeout=0.5)
                 else:
+                    done = []
                     self.stop.wait(0.05)
                 if time.monotonic() - last_beat >= 0.5:
                     # A heartbeat: the progress (and cron's log lines) go on while requests hang.
                     last_beat = time.monotonic()
                     self._report()
-                for f in [f for f in send_inflight if f.done()]:
-                    send_inflight.discard(f)
-                    try:
-                        f.result()
-                    except AuthError as exc:
-                        self.auth_error = exc
-                        self.stop.set()  # the other requests in flight stop retrying
+                for f in done:
+                    if f in prep_inflight:
+                        prep_inflight.discard(f)
+                        if not f.cancelled():
+                            prepared.append(f.result())
+                    elif f in send_inflight:
+                        send_inflight.discard(f)
+                        try:
+                            f.result()
+                        except AuthError as exc:
+                            self.auth_error = exc
+                            self.stop.set()  # the other requests in flight stop retrying
             for f in prep_inflight:
                 f.cancel()
         return self._wind_up(listing, stopped_by, limited, exhausted)
@@ -439,25 +451,32 @@ class _Run:
         rejected: list[tuple[Item, str]] = []
         unreadable: list[tuple[Item, str]] = []
         reused: list[tuple[Item, str, str, str]] = []
+        ready: list[Ready] = []
         for r in results:
             if isinstance(r, Refused):
                 (unreadable if r.read_failed else rejected).append((r.item, r.reason))
-                continue
-            h = r.content_hash
-            if h is None or not self.reuse:
+            elif r.content_hash is None or not self.reuse:
                 batch.append(r)
-                continue
+            else:
+                ready.append(r)
+        if ready:
             with self._hash_lock:
-                copies = self.waiting.get(h)
-                if copies is not None:
-                    copies.append(r.item)
-                    continue
-                known = self.store.find_answer(h, self.request_sig)
-                if known is not None:
-                    reused.append((r.item, h, known[1], known[2]))
-                    continue
-                self.waiting[h] = []
-            batch.append(r)
+                # One query for the lot; copies already waiting on a batch are left out of it.
+                known = self.store.find_answers(
+                    [r.content_hash for r in ready if r.content_hash not in self.waiting],
+                    self.request_sig)
+                for r in ready:
+                    h = r.content_hash
+                    assert h is not None
+                    copies = self.waiting.get(h)
+                    if copies is not None:
+                        copies.append(r.item)
+                    elif h in known:
+                        _, src, result = known[h]
+                        reused.append((r.item, h, src, result))
+                    else:
+                        self.waiting[h] = []
+                        batch.append(r)
         name = self.job.name
         self.store.mark_rejected(name, rejected, prep_sig=self.prep_sig, run_id=self.run_id)
         self.store.mark_failed(name, unreadable, run_id=self.run_id)
@@ -504,25 +523,32 @@ class _Run:
 
     def _record_answers(self, batch_no: int, batch: Sequence[Ready],
                         outcomes: Sequence[RecordOutcome]) -> int:
-        """Commit a sent batch's outcomes and its waiting copies; release its reservation."""
+        """Commit a sent batch's outcomes and its waiting copies; release its reservation.
+
+        The commit runs outside the hash lock, so that batches answered together share one
+        transaction. A content's entry in `waiting` stays until its answer is committed: a copy
+        routed meanwhile joins it (and is settled here, after the commit) rather than looking in
+        the database too early and paying for the same bytes again."""
         job = self.job
         reserved = len(batch) * self.per_image
         by_id = {o.id: o for o in outcomes}
+        answers = []
         with self._hash_lock:
-            answers = []
             for r in batch:
                 o = by_id.get(r.item.key) or RecordOutcome(r.item.key, ok=False,
                                                            reason="no outcome for this record")
                 followers: tuple[Item, ...] = ()
-                if r.content_hash is not None and self.reuse:
-                    if o.final:
-                        followers = tuple(self.waiting.pop(r.content_hash, ()))
-                    else:
-                        self.waiting.pop(r.content_hash, None)  # its copies stay pending
+                if r.content_hash is not None and self.reuse and o.final:
+                    followers = tuple(self.waiting.get(r.content_hash, ()))
                 answers.append(Answer(r.item, o, r.content_hash, followers))
-            credits = self.store.record_batch(job.name, self.run_id, batch_no, answers,
-                                              request_sig=self.request_sig,
-                                              prep_sig=self.prep_sig, per_image=self.per_image)
+        credits = self.store.record_batch(job.name, self.run_id, batch_no, answers,
+                                          request_sig=self.request_sig, prep_sig=self.prep_sig,
+                                          per_image=self.per_image)
+        late_reused, late_failed = self._release_waiting(answers)
+        self.store.mark_reused(job.name, late_reused, request_sig=self.request_sig,
+                               prep_sig=self.prep_sig, run_id=self.run_id,
+                               per_image=self.per_image)
+        self.store.mark_failed(job.name, late_failed, run_id=self.run_id)
         with self._lock:
             self.reserved -= reserved
             self.spent += credits
@@ -539,8 +565,50 @@ class _Run:
                     s.credits_saved += n_follow * self.per_image
                 else:
                     s.failed += 1 + n_follow
+            s.done += len(late_reused)
+            s.reused += len(late_reused)
+            s.credits_saved += len(late_reused) * self.per_image
+            s.failed += len(late_failed)
         self._report()
         return credits
+
+    def _release_waiting(self, answers: Sequence[Answer]
+                         ) -> tuple[list[tuple[Item, str, str, str]], list[tuple[Item, str]]]:
+        """After the commit: the contents leave `waiting`; copies that joined after the answers
+        were taken share the leader's outcome (reused, or failed alike). Copies of an image left
+        pending stay pending."""
+        late_reused: list[tuple[Item, str, str, str]] = []
+        late_failed: list[tuple[Item, str]] = []
+        with self._hash_lock:
+            for a in answers:
+                h = a.content_hash
+                if h is None or not self.reuse:
+                    continue
+                copies = self.waiting.pop(h, None)
+                if not copies or not a.outcome.final:
+                    continue
+                late = copies[len(a.followers):]
+                o = a.outcome
+                if o.ok and late:
+                    result = json.dumps(o.record, separators=(",", ":"))
+                    late_reused += [(it, h, a.item.key, result) for it in late]
+                else:
+                    late_failed += [(it, f"same bytes as {a.item.key}: {o.reason}")
+                                    for it in late]
+        return late_reused, late_failed
+
+
+def _take_finished(finished: queue.SimpleQueue[Future[Any]], timeout: float) -> list[Future[Any]]:
+    """Every future finished so far, waiting up to `timeout` for the first."""
+    try:
+        done = [finished.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            done.append(finished.get_nowait())
+        except queue.Empty:
+            return done
 
 
 def _credits_counter(details: dict[str, Any] | None) -> int | None:
@@ -566,7 +634,8 @@ def run_job(job: Job, options: RunOptions | None = None, *, stop: threading.Even
         if run_class is not _Run:
             job = replace(job, token=token)  # workers use the same token (the sandbox's, too)
         try:
-            return run_class(job, store, client, options, stop, progress).execute()
+            with store.writer():
+                return run_class(job, store, client, options, stop, progress).execute()
         finally:
             client.close()
 
@@ -608,17 +677,18 @@ def plan_job(job: Job, progress: ProgressFn | None = None) -> Summary:
     with store, ThreadPoolExecutor(workers, thread_name_prefix="plan") as pool:
         inflight: set[Future[Ready | Refused]] = set()
         for chunk in iter_chunks(sources.list_items(job.source, on_skip=skipped), LIST_CHUNK):
-            for x in store.classify(job.name, chunk, request_sig=request_sig, prep_sig=prep_sig,
-                                    run_id=None):
-                s.listed += 1
-                name = KIND_COUNTERS[x.kind]
-                setattr(s, name, getattr(s, name) + 1)
-                if x.kind in TO_SEND:
-                    inflight.add(pool.submit(prepare_item, job, x.item))
-                    if len(inflight) >= 4 * workers:
-                        done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-                        for f in done:
-                            settle(f.result())
+            classified = store.classify(job.name, chunk, request_sig=request_sig,
+                                        prep_sig=prep_sig, run_id=None)
+            s.listed += len(chunk)
+            for kind, n in classified.counts.items():
+                name = KIND_COUNTERS[kind]
+                setattr(s, name, getattr(s, name) + n)
+            for x in classified.to_send:
+                inflight.add(pool.submit(prepare_item, job, x.item))
+                if len(inflight) >= 4 * workers:
+                    done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        settle(f.result())
             if progress:
                 progress(s)
         for f in inflight:

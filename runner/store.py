@@ -1,20 +1,25 @@
 """The SQLite checkpoint: items, runs, request attempts and credits; the queries that make resume work.
 
 One writer (the run) and any number of readers (status, plan, export): WAL, a busy timeout, and
-short transactions, one per answered batch. Nothing here is ever marked `done` without an answer.
+short transactions. During a run one thread does every write (`Store.writer`): writes that arrive
+together (request rows from several senders, answered batches) share one transaction, and the
+coordinator reads through a second connection, so no thread queues behind another's commit.
+Nothing here is ever marked `done` without an answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
 
@@ -27,6 +32,9 @@ NEW, CHANGED, CHANGED_REQUEST, UNCHANGED, RESUMED, RETRY, KEPT_FAILED = (
     "new", "changed", "changed_request", "unchanged", "resumed", "retry", "kept_failed")
 TO_SEND = frozenset({NEW, CHANGED, CHANGED_REQUEST, RESUMED, RETRY})
 RETRY_REASON = "retry requested"
+T = TypeVar("T")
+RUN_COUNTERS = ("listed", "requests", "sent", "done", "failed", "rejected", "reused", "credits",
+                "credits_saved")
 
 
 def utcnow() -> str:
@@ -42,6 +50,19 @@ class Listed:
 
 
 @dataclass(frozen=True)
+class Classified:
+    """A classified chunk of a listing: how many of each kind, and every image that is not simply
+    unchanged (those are only counted)."""
+
+    counts: dict[str, int]
+    listed: list[Listed]
+
+    @property
+    def to_send(self) -> list[Listed]:
+        return [x for x in self.listed if x.kind in TO_SEND]
+
+
+@dataclass(frozen=True)
 class Answer:
     """One image's outcome, ready to be written with its batch."""
 
@@ -49,6 +70,19 @@ class Answer:
     outcome: RecordOutcome
     content_hash: str | None
     followers: tuple[Item, ...] = ()  # identical bytes of this run that wait for this answer
+
+
+@dataclass
+class StoreStats:
+    """Where the store's time went: the writer's transactions and the reads (benchmarks use it)."""
+
+    write_s: float = 0.0  # wall time inside write transactions, BEGIN to COMMIT
+    write_cpu_s: float = 0.0  # the writer thread's CPU time in them (no interpreter-lock waits)
+    transactions: int = 0
+    writes: int = 0  # write operations; several share a transaction while the writer runs
+    read_s: float = 0.0
+    reads: int = 0
+    waits: dict[str, list[float]] = field(default_factory=dict)  # name -> [calls, seconds]
 
 
 class Store:
@@ -66,6 +100,11 @@ class Store:
                                     check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
+        self._writer: _Writer | None = None
+        self._reader: sqlite3.Connection | None = None  # while the writer runs
+        self._read_lock = threading.Lock()
+        self._run_counts: dict[int, dict[str, int]] = {}  # written before each COMMIT
+        self.stats = StoreStats()
         self.conn.execute("PRAGMA busy_timeout = 30000")
         if create:
             self.conn.execute("PRAGMA journal_mode = WAL")
@@ -142,16 +181,80 @@ class Store:
     def _tx(self) -> _Transaction:
         return _Transaction(self)
 
+    def _count_run(self, run_id: int, **deltas: int) -> None:
+        """Add to a run's counters; written once per transaction, just before its COMMIT (one
+        UPDATE for a group of writes, not one per write)."""
+        mine = self._run_counts.setdefault(run_id, dict.fromkeys(RUN_COUNTERS, 0))
+        for name, n in deltas.items():
+            mine[name] += n
+
+    def _flush_run_counts(self, c: sqlite3.Connection) -> None:
+        counts, self._run_counts = self._run_counts, {}
+        sets = ", ".join(f"{name} = {name} + ?" for name in RUN_COUNTERS)
+        for run_id, mine in counts.items():
+            c.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*mine.values(), run_id))
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[None]:
+        """For a run: one thread commits every write, grouping those that arrive together into
+        one transaction, and reads go through a second connection. A caller of a write still
+        returns only once it is committed (a request's row is on disk before the request leaves),
+        but thirty-two senders no longer take turns at BEGIN ... COMMIT."""
+        reader = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
+                                 check_same_thread=False)
+        reader.row_factory = sqlite3.Row
+        reader.execute("PRAGMA busy_timeout = 30000")
+        reader.execute("PRAGMA query_only = ON")
+        writer = _Writer(self)
+        self._writer, self._reader = writer, reader
+        try:
+            yield
+        finally:
+            self._writer = None
+            writer.stop()
+            with self._read_lock:
+                self._reader = None
+                reader.close()
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn(connection) in a write transaction (shared with others while the writer runs)."""
+        writer = self._writer
+        if writer is not None:
+            result = writer.submit(fn)
+            if result is not _CLOSED:
+                return result  # type: ignore[return-value]
+        started = time.perf_counter()
+        try:
+            with self._tx() as c:
+                return fn(c)
+        finally:
+            self.stats.write_s += time.perf_counter() - started
+            self.stats.transactions += 1
+            self.stats.writes += 1
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn(connection) on the read connection while the writer runs, else on the one."""
+        started = time.perf_counter()
+        try:
+            with self._read_lock:
+                reader = self._reader
+                if reader is not None:
+                    return fn(reader)
+            with self._lock:
+                return fn(self.conn)
+        finally:
+            self.stats.read_s += time.perf_counter() - started
+            self.stats.reads += 1
+
     # --- runs -----------------------------------------------------------------------------------
 
     def begin_run(self, job: str, *, pid: int, endpoint: str, budget: int) -> int:
-        with self._lock:
+        def begin(c: sqlite3.Connection) -> int:
             # A heap, indexed once when it is asked (mark_missing, the exit code): far cheaper
             # than keeping a B-tree sorted through a million inserts. It lives in a temporary
             # file, not in memory, so a listing of millions of keys does not grow the process.
-            self.conn.execute("DROP TABLE IF EXISTS temp.listed")
-            self.conn.execute("CREATE TEMP TABLE listed (key TEXT)")
-        with self._tx() as c:
+            c.execute("DROP TABLE IF EXISTS temp.listed")
+            c.execute("CREATE TEMP TABLE listed (key TEXT, fp TEXT)")
             # A run that is still "running" in the database but whose process is gone crashed.
             c.execute("UPDATE runs SET status = 'crashed' WHERE job = ? AND status = 'running'",
                       (job,))
@@ -160,107 +263,96 @@ class Store:
                 "VALUES (?, ?, ?, 'running', ?, ?)", (job, pid, utcnow(), endpoint, budget))
             return int(cur.lastrowid)
 
+        return self._write(begin)
+
     def finish_run(self, run_id: int, *, status: str, exit_code: int,
                    account_after: int | None = None) -> None:
-        with self._tx() as c:
-            c.execute("UPDATE runs SET finished_at = ?, status = ?, exit_code = ?, "
-                      "account_after = coalesce(?, account_after) WHERE id = ?",
-                      (utcnow(), status, exit_code, account_after, run_id))
+        self._write(lambda c: c.execute(
+            "UPDATE runs SET finished_at = ?, status = ?, exit_code = ?, "
+            "account_after = coalesce(?, account_after) WHERE id = ?",
+            (utcnow(), status, exit_code, account_after, run_id)))
 
     def set_account_before(self, run_id: int, value: int | None) -> None:
-        with self._tx() as c:
-            c.execute("UPDATE runs SET account_before = ? WHERE id = ?", (value, run_id))
+        self._write(lambda c: c.execute("UPDATE runs SET account_before = ? WHERE id = ?",
+                                        (value, run_id)))
 
     def run_row(self, run_id: int) -> dict[str, Any]:
-        with self._lock:
-            row = self.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = self._read(lambda c: c.execute("SELECT * FROM runs WHERE id = ?",
+                                             (run_id,)).fetchone())
         return dict(row) if row else {}
 
     def recent_runs(self, job: str, n: int = 5) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self.conn.execute("SELECT * FROM runs WHERE job = ? ORDER BY id DESC LIMIT ?",
-                                     (job, n)).fetchall()
+        rows = self._read(lambda c: c.execute(
+            "SELECT * FROM runs WHERE job = ? ORDER BY id DESC LIMIT ?", (job, n)).fetchall())
         return [dict(r) for r in rows]
 
     # --- listing --------------------------------------------------------------------------------
 
     def classify(self, job: str, items: Sequence[Item], *, request_sig: str, prep_sig: str,
-                 run_id: int | None) -> list[Listed]:
+                 run_id: int | None) -> Classified:
         """Decide for a chunk of listed items what must happen; with a run, record them as listed.
 
         Without a run (plan) nothing is written. New and changed images become `pending` here, so
         a crash after this point leaves them to be sent by the next run.
         """
         if not items:
-            return []
-        keys = [it.key for it in items]
-        # Plain tuples, not sqlite3.Row: a rerun looks up every listed image here.
-        known: dict[str, tuple[Any, ...]] = {}
-        with self._lock:
-            cur = self.conn.cursor()
-            cur.row_factory = None
-            for i in range(0, len(keys), 500):
-                part = keys[i:i + 500]
-                q = ("SELECT key, fingerprint, state, reason, request_sig, prep_sig FROM items "
-                     f"WHERE job = ? AND key IN ({','.join('?' * len(part))})")
-                for key, *rest in cur.execute(q, (job, *part)):
-                    known[key] = tuple(rest)
-        out: list[Listed] = []
-        for it in items:
-            row = known.get(it.key)
-            if row is None:
-                kind = NEW
-                out.append(Listed(it, kind))
-                continue
-            fingerprint, state, reason, req_sig, row_prep_sig = row
-            if fingerprint != it.fingerprint:
-                kind = CHANGED
-            elif state == DONE:
-                kind = UNCHANGED if req_sig == request_sig else CHANGED_REQUEST
-            elif state == REJECTED:
-                # A rejection belongs to the format policy: a new policy looks again.
-                kind = UNCHANGED if row_prep_sig == prep_sig else CHANGED
-            elif state == FAILED:
-                kind = KEPT_FAILED
-            else:
-                kind = RETRY if reason == RETRY_REASON else RESUMED
-            out.append(Listed(it, kind))
-        if run_id is not None:
-            self._record_listed(job, out, run_id)
+            return Classified({}, [])
+        if run_id is None:
+            known = self._read(lambda c: _known_rows(c, job, items))
+            return _classified(items, _decide(items, known, request_sig, prep_sig))
+        return self._write(lambda c: self._classify_listed(c, job, items, request_sig=request_sig,
+                                                           prep_sig=prep_sig, run_id=run_id))
+
+    def _classify_listed(self, c: sqlite3.Connection, job: str, items: Sequence[Item], *,
+                         request_sig: str, prep_sig: str, run_id: int) -> Classified:
+        """The chunk goes into the run's listing first; SQLite then returns only the images whose
+        row says something must happen. A rerun over a million unchanged images builds no Python
+        object per image and writes nothing to the database file."""
+        base = c.execute("SELECT coalesce(max(rowid), 0) FROM temp.listed").fetchone()[0]
+        c.executemany("INSERT INTO temp.listed (key, fp) VALUES (?, ?)",
+                      [(it.key, it.fingerprint) for it in items])
+        cur = c.cursor()
+        cur.row_factory = None
+        rows = cur.execute(
+            "SELECT l.key, i.fingerprint, i.state, i.reason, i.request_sig, i.prep_sig "
+            "FROM temp.listed l LEFT JOIN items i ON i.job = ? AND i.key = l.key "
+            "WHERE l.rowid > ? AND NOT coalesce(i.fingerprint = l.fp AND ("
+            "(i.state = 'done' AND i.request_sig = ?) OR "
+            "(i.state = 'rejected' AND i.prep_sig IS ?)), 0)",
+            (job, base, request_sig, prep_sig)).fetchall()
+        by_key = {it.key: it for it in items} if rows else {}
+        acting = [by_key[key] for key, *_ in rows]
+        known = {key: tuple(rest) for key, *rest in rows if rest[1] is not None}
+        out = _classified(items, _decide(acting, known, request_sig, prep_sig))
+        now = utcnow()
+        c.executemany(
+            "INSERT INTO items (job, key, uri, size, fingerprint, state, listed_run, "
+            "first_seen, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?) "
+            "ON CONFLICT (job, key) DO UPDATE SET uri = excluded.uri, size = excluded.size, "
+            "fingerprint = excluded.fingerprint, listed_run = excluded.listed_run, "
+            # The previous answer stays with its content hash and request signature: if the
+            # bytes turn out unchanged (a touched file), find_answer reuses it for free.
+            "state = 'pending', reason = NULL, updated_at = excluded.updated_at",
+            [(job, x.item.key, x.item.uri, x.item.size, x.item.fingerprint, run_id, now, now)
+             for x in out.listed if x.kind in (NEW, CHANGED, CHANGED_REQUEST)])
+        self._count_run(run_id, listed=len(items))
         return out
 
-    def _record_listed(self, job: str, listed: Sequence[Listed], run_id: int) -> None:
-        now = utcnow()
-        to_pending = [(job, x.item.key, x.item.uri, x.item.size, x.item.fingerprint, run_id, now,
-                       now) for x in listed if x.kind in (NEW, CHANGED, CHANGED_REQUEST)]
-        with self._tx() as c:
-            c.executemany(
-                "INSERT INTO items (job, key, uri, size, fingerprint, state, listed_run, "
-                "first_seen, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?) "
-                "ON CONFLICT (job, key) DO UPDATE SET uri = excluded.uri, size = excluded.size, "
-                "fingerprint = excluded.fingerprint, listed_run = excluded.listed_run, "
-                # The previous answer stays with its content hash and request signature: if the
-                # bytes turn out unchanged (a touched file), find_answer reuses it for free.
-                "state = 'pending', reason = NULL, updated_at = excluded.updated_at", to_pending)
-            # What this run listed goes to a temporary table, not to every item's row: a rerun
-            # over a million unchanged images then writes nothing to the database file.
-            c.executemany("INSERT INTO temp.listed VALUES (?)",
-                          [(x.item.key,) for x in listed])
-            c.execute("UPDATE runs SET listed = listed + ? WHERE id = ?", (len(listed), run_id))
-
-    def _index_listed(self) -> None:
-        with self._lock:
-            self.conn.execute("CREATE INDEX IF NOT EXISTS temp.listed_key ON listed (key)")
+    def _index_listed(self, c: sqlite3.Connection) -> None:
+        c.execute("CREATE INDEX IF NOT EXISTS temp.listed_key ON listed (key)")
 
     def mark_missing(self, job: str, run_id: int) -> int:
         """After a complete listing: images the sources no longer list are kept, flagged missing."""
-        self._index_listed()
-        with self._tx() as c:
+
+        def mark(c: sqlite3.Connection) -> int:
+            self._index_listed(c)
             cur = c.execute("UPDATE items SET missing = 1 WHERE job = ? AND missing = 0 AND "
                             "key NOT IN (SELECT key FROM temp.listed)", (job,))
             c.execute("UPDATE items SET missing = 0 WHERE job = ? AND missing = 1 AND "
                       "key IN (SELECT key FROM temp.listed)", (job,))
             return cur.rowcount
+
+        return self._write(mark)
 
     # --- outcomes -------------------------------------------------------------------------------
 
@@ -269,38 +361,66 @@ class Store:
         if not rejected:
             return
         now = utcnow()
-        with self._tx() as c:
+
+        def mark(c: sqlite3.Connection) -> None:
             c.executemany(
                 "UPDATE items SET state = 'rejected', reason = ?, prep_sig = ?, updated_at = ? "
                 "WHERE job = ? AND key = ?",
                 [(reason, prep_sig, now, job, it.key) for it, reason in rejected])
-            c.execute("UPDATE runs SET rejected = rejected + ? WHERE id = ?",
-                      (len(rejected), run_id))
+            self._count_run(run_id, rejected=len(rejected))
+
+        self._write(mark)
 
     def mark_failed(self, job: str, failed: Sequence[tuple[Item, str]], *, run_id: int) -> None:
         """Images that failed before any request (their bytes could not be read)."""
         if not failed:
             return
         now = utcnow()
-        with self._tx() as c:
+
+        def mark(c: sqlite3.Connection) -> None:
             c.executemany("UPDATE items SET state = 'failed', reason = ?, updated_at = ? "
                           "WHERE job = ? AND key = ?",
                           [(reason, now, job, it.key) for it, reason in failed])
-            c.execute("UPDATE runs SET failed = failed + ? WHERE id = ?", (len(failed), run_id))
+            self._count_run(run_id, failed=len(failed))
+
+        self._write(mark)
 
     def find_answer(self, content_hash: str, request_sig: str) -> tuple[str, str, str] | None:
-        """An answer already paid for these bytes and this request, in any job: (job, key, result).
+        """An answer already paid for these bytes and this request, in any job: (job, key, result)."""
+        return self.find_answers([content_hash], request_sig).get(content_hash)
+
+    def find_answers(self, hashes: Sequence[str],
+                     request_sig: str) -> dict[str, tuple[str, str, str]]:
+        """Answers already paid for these contents and this request, in any job, one query:
+        content hash -> (job, key, result).
 
         The image that paid is preferred; once it changed, a copy that reused its answer still
         holds it; and an image listed again as changed keeps its last answer until it is sent,
         so a touched file whose bytes did not change is not paid for again."""
-        with self._lock:
-            row = self.conn.execute(
-                "SELECT job, key, result FROM items WHERE content_hash = ? AND request_sig = ? "
-                "AND result IS NOT NULL AND state IN ('done', 'pending') "
-                "ORDER BY state != 'done', reused_from IS NOT NULL LIMIT 1",
-                (content_hash, request_sig)).fetchone()
-        return (row["job"], row["key"], row["result"]) if row else None
+        if not hashes:
+            return {}
+        unique = list(dict.fromkeys(hashes))
+
+        def find(c: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            cur = c.cursor()
+            cur.row_factory = None
+            rows: list[tuple[Any, ...]] = []
+            for i in range(0, len(unique), 500):
+                part = unique[i:i + 500]
+                rows += cur.execute(
+                    "SELECT content_hash, job, key, result, state != 'done', "
+                    "reused_from IS NOT NULL FROM items "
+                    f"WHERE content_hash IN ({','.join('?' * len(part))}) AND request_sig = ? "
+                    "AND result IS NOT NULL AND state IN ('done', 'pending')",
+                    (*part, request_sig)).fetchall()
+            return rows
+
+        best: dict[str, tuple[Any, ...]] = {}
+        for h, job, key, result, not_done, reused in self._read(find):
+            rank = (not_done, reused, job, key)
+            if h not in best or rank < best[h][0]:
+                best[h] = (rank, (job, key, result))
+        return {h: found for h, (_, found) in best.items()}
 
     def mark_reused(self, job: str, reused: Sequence[tuple[Item, str, str, str]], *,
                     request_sig: str, prep_sig: str, run_id: int, per_image: int) -> None:
@@ -308,33 +428,44 @@ class Store:
         if not reused:
             return
         now = utcnow()
-        with self._tx() as c:
+
+        def mark(c: sqlite3.Connection) -> None:
             c.executemany(
                 "UPDATE items SET state = 'done', reason = NULL, result = ?, content_hash = ?, "
                 "request_sig = ?, prep_sig = ?, reused_from = ?, updated_at = ?, answered_at = ? "
                 "WHERE job = ? AND key = ?",
                 [(result, h, request_sig, prep_sig, src, now, now, job, it.key)
                  for it, h, src, result in reused])
-            c.execute("UPDATE runs SET reused = reused + ?, done = done + ?, "
-                      "credits_saved = credits_saved + ? WHERE id = ?",
-                      (len(reused), len(reused), len(reused) * per_image, run_id))
+            self._count_run(run_id, reused=len(reused), done=len(reused),
+                            credits_saved=len(reused) * per_image)
+
+        self._write(mark)
 
     def record_attempt(self, job: str, run_id: int, batch: int, attempt: int,
                        keys: Sequence[str]) -> None:
-        """Before a request leaves: these images are in flight (and may be billed)."""
-        with self._tx() as c:
+        """Before a request leaves: these images are in flight (and may be billed). Returns once
+        the row is committed."""
+        self._timed_wait("record_attempt", self._attempt_row(job, run_id, batch, attempt, keys))
+
+    def _attempt_row(self, job: str, run_id: int, batch: int, attempt: int,
+                     keys: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
+        row = (run_id, job, batch, attempt, json.dumps(list(keys)), len(keys), utcnow())
+
+        def record(c: sqlite3.Connection) -> None:
             c.execute("INSERT INTO attempts (run_id, job, batch, attempt, keys, n, sent_at) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                      (run_id, job, batch, attempt, json.dumps(list(keys)), len(keys), utcnow()))
-            c.execute("UPDATE runs SET requests = requests + 1 WHERE id = ?", (run_id,))
+                      "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            self._count_run(run_id, requests=1)
+
+        return record
 
     def record_batch(self, job: str, run_id: int, batch: int, answers: Sequence[Answer], *,
                      request_sig: str, prep_sig: str, per_image: int) -> int:
-        """One transaction per answered batch: outcomes, credits, followers; returns credits."""
+        """One transaction per answered batch (or one for several answered together): outcomes,
+        credits, followers; returns the batch's credits."""
         now = utcnow()
         credits = 0
         done = failed = sent = reused = 0
-        rows_done, rows_failed, rows_sends = [], [], []
+        rows_done, rows_failed, rows_sends, rows_followers = [], [], [], []
         for a in answers:
             o = a.outcome
             if not o.final:
@@ -351,6 +482,8 @@ class Store:
                     reused += 1
                     rows_done.append((result, 0, a.content_hash, request_sig, prep_sig, 0, now,
                                       now, job, f.key))
+                    # Followers carry the key they were answered through.
+                    rows_followers.append((a.item.key, job, f.key))
             else:
                 failed += 1
                 rows_failed.append((o.reason, result, a.content_hash, o.attempts, now, job,
@@ -359,45 +492,55 @@ class Store:
                     failed += 1
                     rows_failed.append((f"same bytes as {a.item.key}: {o.reason}", None,
                                         a.content_hash, 0, now, job, f.key))
-        with self._tx() as c:
+
+        def record(c: sqlite3.Connection) -> None:
             c.executemany(
                 "UPDATE items SET state = 'done', reason = NULL, result = ?, "
                 "credits = credits + ?, content_hash = ?, request_sig = ?, prep_sig = ?, "
                 "reused_from = NULL, sends = sends + ?, updated_at = ?, answered_at = ? "
                 "WHERE job = ? AND key = ?", rows_done)
-            # Followers carry the key they were answered through.
-            for a in answers:
-                if a.outcome.final and a.outcome.ok and a.followers:
-                    c.executemany("UPDATE items SET reused_from = ? WHERE job = ? AND key = ?",
-                                  [(a.item.key, job, f.key) for f in a.followers])
-            c.executemany(
-                "UPDATE items SET state = 'failed', reason = ?, result = ?, content_hash = ?, "
-                "request_sig = NULL, sends = sends + ?, updated_at = ? WHERE job = ? AND key = ?",
-                rows_failed)
-            c.executemany("UPDATE items SET sends = sends + ?, updated_at = ? "
-                          "WHERE job = ? AND key = ?", rows_sends)
+            if rows_followers:
+                c.executemany("UPDATE items SET reused_from = ? WHERE job = ? AND key = ?",
+                              rows_followers)
+            if rows_failed:
+                c.executemany(
+                    "UPDATE items SET state = 'failed', reason = ?, result = ?, content_hash = ?, "
+                    "request_sig = NULL, sends = sends + ?, updated_at = ? "
+                    "WHERE job = ? AND key = ?", rows_failed)
+            if rows_sends:
+                c.executemany("UPDATE items SET sends = sends + ?, updated_at = ? "
+                              "WHERE job = ? AND key = ?", rows_sends)
             c.execute("UPDATE attempts SET closed_at = ? WHERE run_id = ? AND batch = ? "
                       "AND closed_at IS NULL", (now, run_id, batch))
-            c.execute("UPDATE runs SET sent = sent + ?, done = done + ?, failed = failed + ?, "
-                      "reused = reused + ?, credits = credits + ?, credits_saved = credits_saved + ?"
-                      " WHERE id = ?",
-                      (sent, done, failed, reused, credits, reused * per_image, run_id))
+            self._count_run(run_id, sent=sent, done=done, failed=failed, reused=reused,
+                            credits=credits, credits_saved=reused * per_image)
+
+        self._timed_wait("record_batch", record)
         return credits
+
+    def _timed_wait(self, name: str, fn: Callable[[sqlite3.Connection], None]) -> None:
+        """A write whose caller waits for the commit: how long it waited is kept in stats."""
+        started = time.perf_counter()
+        self._write(fn)
+        self._count_wait(name, time.perf_counter() - started)
+
+    def _count_wait(self, name: str, seconds: float) -> None:
+        calls = self.stats.waits.setdefault(name, [0, 0.0])
+        calls[0] += 1
+        calls[1] += seconds
 
     # --- questions ------------------------------------------------------------------------------
 
     def spent(self, job: str) -> int:
         """Credits this job has recorded, over all its runs."""
-        with self._lock:
-            row = self.conn.execute("SELECT coalesce(sum(credits), 0) FROM runs WHERE job = ?",
-                                    (job,)).fetchone()
+        row = self._read(lambda c: c.execute(
+            "SELECT coalesce(sum(credits), 0) FROM runs WHERE job = ?", (job,)).fetchone())
         return int(row[0])
 
     def counts(self, job: str) -> dict[str, int]:
-        with self._lock:
-            rows = self.conn.execute(
-                "SELECT state, count(*), sum(missing), sum(reused_from IS NOT NULL), "
-                "sum(credits) FROM items WHERE job = ? GROUP BY state", (job,)).fetchall()
+        rows = self._read(lambda c: c.execute(
+            "SELECT state, count(*), sum(missing), sum(reused_from IS NOT NULL), "
+            "sum(credits) FROM items WHERE job = ? GROUP BY state", (job,)).fetchall())
         out = {s: 0 for s in (PENDING, DONE, FAILED, REJECTED)}
         out.update(missing=0, reused=0, credits=0)
         for state, n, missing, reused, credits in rows:
@@ -414,30 +557,31 @@ class Store:
         return self._count_listed(job, "pending")
 
     def _count_listed(self, job: str, state: str) -> int:
-        """Images of this run's listing in a state (the exit code speaks of those only)."""
-        self._index_listed()
-        with self._lock:
-            row = self.conn.execute("SELECT count(*) FROM items WHERE job = ? AND state = ? AND "
-                                    "key IN (SELECT key FROM temp.listed)",
-                                    (job, state)).fetchone()
-        return int(row[0])
+        """Images of this run's listing in a state (the exit code speaks of those only). The
+        listing is a temporary table of the writing connection: asked there."""
+
+        def count(c: sqlite3.Connection) -> int:
+            self._index_listed(c)
+            row = c.execute("SELECT count(*) FROM items WHERE job = ? AND state = ? AND "
+                            "key IN (SELECT key FROM temp.listed)", (job, state)).fetchone()
+            return int(row[0])
+
+        return self._write(count)
 
     def unanswered(self, job: str, *, running_run: int | None = None) -> list[dict[str, Any]]:
         """Requests sent by runs that ended before recording their answer: possibly billed."""
-        with self._lock:
-            rows = self.conn.execute(
-                "SELECT a.run_id, a.batch, a.attempt, a.keys, a.sent_at FROM attempts a "
-                "WHERE a.job = ? AND a.closed_at IS NULL AND a.run_id IS NOT ? ORDER BY a.id",
-                (job, running_run)).fetchall()
+        rows = self._read(lambda c: c.execute(
+            "SELECT a.run_id, a.batch, a.attempt, a.keys, a.sent_at FROM attempts a "
+            "WHERE a.job = ? AND a.closed_at IS NULL AND a.run_id IS NOT ? ORDER BY a.id",
+            (job, running_run)).fetchall())
         return [{"run": r["run_id"], "batch": r["batch"], "attempt": r["attempt"],
                  "keys": json.loads(r["keys"]), "sent_at": r["sent_at"]} for r in rows]
 
     def resend_stats(self, job: str) -> dict[str, int]:
         """Images carried by more than one request: the visible bound on double billing."""
-        with self._lock:
-            row = self.conn.execute(
-                "SELECT count(*), coalesce(sum(sends - 1), 0) FROM items "
-                "WHERE job = ? AND sends > 1", (job,)).fetchone()
+        row = self._read(lambda c: c.execute(
+            "SELECT count(*), coalesce(sum(sends - 1), 0) FROM items "
+            "WHERE job = ? AND sends > 1", (job,)).fetchone())
         return {"images_sent_more_than_once": int(row[0]), "extra_sends": int(row[1])}
 
     def retry_failed(self, job: str, reason_like: str | None = None) -> int:
@@ -448,8 +592,7 @@ class Store:
         if reason_like:
             q += " AND reason LIKE ?"
             args.append(f"%{reason_like}%")
-        with self._tx() as c:
-            return c.execute(q, args).rowcount
+        return self._write(lambda c: c.execute(q, args).rowcount)
 
     def export_rows(self, job: str, state: str | None = None) -> Iterator[dict[str, Any]]:
         q = ("SELECT key, uri, state, reason, credits, reused_from, content_hash, fingerprint, "
@@ -475,6 +618,163 @@ class Store:
 
 
 
+def _known_rows(c: sqlite3.Connection, job: str,
+                items: Sequence[Item]) -> dict[str, tuple[Any, ...]]:
+    """What the database holds for these items: key -> (fingerprint, state, reason, request_sig,
+    prep_sig); plain tuples, not sqlite3.Row."""
+    keys = [it.key for it in items]
+    known: dict[str, tuple[Any, ...]] = {}
+    cur = c.cursor()
+    cur.row_factory = None
+    for i in range(0, len(keys), 500):
+        part = keys[i:i + 500]
+        q = ("SELECT key, fingerprint, state, reason, request_sig, prep_sig FROM items "
+             f"WHERE job = ? AND key IN ({','.join('?' * len(part))})")
+        for key, *rest in cur.execute(q, (job, *part)):
+            known[key] = tuple(rest)
+    return known
+
+
+def _decide(items: Iterable[Item], known: dict[str, tuple[Any, ...]], request_sig: str,
+            prep_sig: str) -> list[Listed]:
+    """The kind of each item, from its row (absent: new)."""
+    out: list[Listed] = []
+    for it in items:
+        row = known.get(it.key)
+        if row is None:
+            out.append(Listed(it, NEW))
+            continue
+        fingerprint, state, reason, req_sig, row_prep_sig = row
+        if fingerprint != it.fingerprint:
+            kind = CHANGED
+        elif state == DONE:
+            kind = UNCHANGED if req_sig == request_sig else CHANGED_REQUEST
+        elif state == REJECTED:
+            # A rejection belongs to the format policy: a new policy looks again.
+            kind = UNCHANGED if row_prep_sig == prep_sig else CHANGED
+        elif state == FAILED:
+            kind = KEPT_FAILED
+        else:
+            kind = RETRY if reason == RETRY_REASON else RESUMED
+        out.append(Listed(it, kind))
+    return out
+
+
+def _classified(items: Sequence[Item], decided: list[Listed]) -> Classified:
+    """Counts for the whole chunk; the images not decided (filtered out by SQL) are unchanged."""
+    counts: dict[str, int] = {}
+    listed: list[Listed] = []
+    for x in decided:
+        counts[x.kind] = counts.get(x.kind, 0) + 1
+        if x.kind != UNCHANGED:
+            listed.append(x)
+    unchanged = len(items) - len(listed)
+    if unchanged:
+        counts[UNCHANGED] = unchanged
+    return Classified(counts, listed)
+
+
+_CLOSED = object()  # what _Writer.submit answers once the writer has stopped
+
+
+class _Op:
+    __slots__ = ("fn", "result", "error", "done")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def wait(self) -> Any:
+        """fn's result once committed; fn's error (or the commit's) raised here."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class _Writer:
+    """The run's one writing thread: it takes every write waiting in its queue, runs each in a
+    savepoint of one transaction and commits them together; each caller then returns (or raises
+    its own error). One commit serves as many callers as arrived while the last one ran."""
+
+    MAX_GROUP = 256
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._gate = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """fn's result once committed; _CLOSED if the writer has stopped (the caller writes)."""
+        op = self.enqueue(fn)
+        return _CLOSED if op is None else op.wait()
+
+    def enqueue(self, fn: Callable[[sqlite3.Connection], Any]) -> _Op | None:
+        """Queue a write and return at once; None if the writer has stopped."""
+        op = _Op(fn)
+        with self._gate:
+            if self._closed:
+                return None
+            self._queue.put(op)
+        return op
+
+    def stop(self) -> None:
+        """Commit what is queued, then end the thread; later writes run in their caller."""
+        with self._gate:
+            self._closed = True
+            self._queue.put(None)  # after every accepted write: the gate orders them
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            ops = [self._queue.get()]
+            while len(ops) < self.MAX_GROUP:
+                try:
+                    ops.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            last = None in ops
+            group = [op for op in ops if op is not None]
+            if group:
+                self._commit(group)
+            if last:
+                return
+
+    def _commit(self, ops: list[_Op]) -> None:
+        stats = self.store.stats
+        started, cpu = time.perf_counter(), time.thread_time()
+        try:
+            with self.store._tx() as c:
+                if len(ops) == 1:  # alone, its failure rolls the transaction back
+                    ops[0].result = ops[0].fn(c)
+                    return
+                for op in ops:
+                    c.execute("SAVEPOINT op")
+                    counts = {k: dict(v) for k, v in self.store._run_counts.items()}
+                    try:
+                        op.result = op.fn(c)
+                    except Exception as exc:  # noqa: BLE001 -- handed to the caller, who raises it
+                        c.execute("ROLLBACK TO op")
+                        self.store._run_counts = counts
+                        op.error = exc
+                    c.execute("RELEASE op")
+        except Exception as exc:  # noqa: BLE001 -- BEGIN or COMMIT failed: nothing was written
+            for op in ops:
+                op.error = op.error or exc
+        finally:
+            stats.write_cpu_s += time.thread_time() - cpu
+            stats.write_s += time.perf_counter() - started
+            stats.transactions += 1
+            stats.writes += len(ops)
+            for op in ops:
+                op.done.set()
+
+
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT under the store's lock; a few retries if a reader holds a lock."""
 
@@ -497,8 +797,14 @@ class _Transaction:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
             if exc_type is None:
+                try:
+                    self.store._flush_run_counts(self.store.conn)
+                except BaseException:
+                    self.store.conn.execute("ROLLBACK")
+                    raise
                 self.store.conn.execute("COMMIT")
             else:
+                self.store._run_counts = {}
                 self.store.conn.execute("ROLLBACK")
         finally:
             self.store._lock.release()

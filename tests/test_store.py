@@ -1,6 +1,11 @@
 """The SQLite checkpoint: classification for resume, one transaction per batch, accountability."""
 
 import sqlite3
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from runner.records import Item, RecordOutcome
 from runner.store import (
@@ -21,8 +26,12 @@ def item(key: str, fp: str = "10:1") -> Item:
 
 
 def kinds(store, items, run_id=None, sig="req", prep="prep"):
-    return {x.item.key: x.kind
-            for x in store.classify("j", items, request_sig=sig, prep_sig=prep, run_id=run_id)}
+    """Every item's kind: those the classification leaves out are unchanged, and the counts agree."""
+    classified = store.classify("j", items, request_sig=sig, prep_sig=prep, run_id=run_id)
+    out = {it.key: UNCHANGED for it in items}
+    out.update({x.item.key: x.kind for x in classified.listed})
+    assert classified.counts == {k: n for k, n in Counter(out.values()).items()}
+    return out
 
 
 def answer(key, ok=True, h=None, followers=(), final=True, attempts=1):
@@ -126,3 +135,77 @@ def test_a_reader_sees_committed_batches_while_the_writer_runs(tmp_path):
         reader = sqlite3.connect(db)
         assert reader.execute("SELECT state FROM items").fetchone()[0] == "done"
         reader.close()
+
+
+def committed_attempts(path):
+    """What another process would see: a fresh connection to the file."""
+    conn = sqlite3.connect(path)
+    try:
+        return {row[0] for row in conn.execute("SELECT batch FROM attempts")}
+    finally:
+        conn.close()
+
+
+def test_the_writer_commits_before_each_caller_returns(tmp_path):
+    path = tmp_path / "s.db"
+    with Store(path) as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item(f"k{i}") for i in range(64)], run)
+        with s.writer():
+            def one(i):
+                s.record_attempt("j", run, i, 1, [f"k{i}"])
+                # Returned: the row is on disk for any other connection (the request may leave).
+                assert i in committed_attempts(path)
+                s.record_batch("j", run, i, [answer(f"k{i}")], request_sig="req",
+                               prep_sig="prep", per_image=10)
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(one, range(64)))
+        # Sixteen threads at once share transactions; every write and counter is there once.
+        assert s.stats.writes >= 128 and s.stats.transactions <= s.stats.writes
+        assert s.counts("j")["done"] == 64
+        row = s.run_row(run)
+        assert (row["requests"], row["sent"], row["done"], row["credits"]) == (64, 64, 64, 640)
+        assert s.unanswered("j") == []
+
+
+def test_a_failing_write_in_a_group_fails_alone(tmp_path):
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item("a"), item("b")], run)
+        with s.writer():
+            start = threading.Barrier(2)
+
+            def bad(c):
+                c.execute("INSERT INTO items (job, key) VALUES ('j', 'a')")  # a duplicate key
+
+            def good():
+                start.wait()
+                s.record_attempt("j", run, 1, 1, ["b"])
+
+            with ThreadPoolExecutor(2) as pool:
+                ok = pool.submit(good)
+                start.wait()
+                with pytest.raises(sqlite3.IntegrityError):
+                    s._write(bad)
+                ok.result()
+        assert s.run_row(run)["requests"] == 1
+        assert [u["keys"] for u in s.unanswered("j")] == [["b"]]
+
+
+def test_the_listing_returns_only_what_must_happen(tmp_path):
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        first = s.classify("j", [item(f"k{i}") for i in range(1200)], request_sig="req",
+                           prep_sig="prep", run_id=run)
+        assert first.counts == {NEW: 1200} and len(first.to_send) == 1200
+        s.record_batch("j", run, 1, [answer(f"k{i}") for i in range(1000)], request_sig="req",
+                       prep_sig="prep", per_image=1)
+        s.finish_run(run, status="finished", exit_code=0)
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        again = s.classify("j", [item(f"k{i}") for i in range(1200)] + [item("new")],
+                           request_sig="req", prep_sig="prep", run_id=run)
+        assert again.counts == {UNCHANGED: 1000, RESUMED: 200, NEW: 1}
+        assert {x.item.key for x in again.listed} == {f"k{i}" for i in range(1000, 1200)} | {"new"}
+        assert s.run_row(run)["listed"] == 1201
+        assert s.mark_missing("j", run) == 0

@@ -196,8 +196,18 @@ class Emulator:
             request_no = self._requests
             draws = _Draws(*(self._rng.random() for _ in range(5)),
                            per_record=tuple(self._rng.random() for _ in sent))
-        if s.latency_ms or s.jitter_ms:
-            time.sleep((s.latency_ms + s.jitter_ms * draws.jitter) / 1000)
+        delay_s = (s.latency_ms + s.jitter_ms * draws.jitter) / 1000
+        reply = self._answer(path, authorization, body, payload, records, sent, request_no, draws)
+        # The latency is the answer's: the work above is part of it, as on the real service.
+        remaining = delay_s - (time.monotonic() - started)
+        if remaining > 0:
+            time.sleep(remaining)
+        return reply
+
+    def _answer(self, path: str, authorization: str | None, body: bytes | None, payload: Any,
+                records: Any, sent: list[_Sent], request_no: int, draws: _Draws) -> Reply:
+        started = time.monotonic()
+        s = self.settings
 
         def refuse(reply: Reply) -> Reply:
             self._record(request_no, path, [(x, reply.code, False) for x in sent], answered=True)
