@@ -18,6 +18,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
@@ -38,6 +39,7 @@ from runner.store import (
     RETRY,
     UNCHANGED,
     Answer,
+    Classified,
     Listed,
     Store,
     iter_chunks,
@@ -249,21 +251,29 @@ class _Run:
     # listing and classification
 
     def _listed(self) -> Iterator[Listed]:
-        s = self.summary
-
         def skipped(why: str) -> None:  # sources.py has logged the row and why
-            s.skipped_rows += 1
+            self.summary.skipped_rows += 1
 
+        # One chunk is classified (by the store's writer) while the next one is listed.
+        queued: deque[Callable[[], Classified]] = deque()
         for chunk in iter_chunks(sources.list_items(self.job.source, on_skip=skipped), LIST_CHUNK):
-            classified = self.store.classify(self.job.name, chunk, request_sig=self.request_sig,
-                                             prep_sig=self.prep_sig, run_id=self.run_id)
-            with self._lock:
-                s.listed += len(chunk)
-                for kind, n in classified.counts.items():
-                    name = KIND_COUNTERS[kind]
-                    setattr(s, name, getattr(s, name) + n)
-            self._report()
-            yield from classified.to_send
+            queued.append(self.store.classify_soon(self.job.name, chunk,
+                                                   request_sig=self.request_sig,
+                                                   prep_sig=self.prep_sig, run_id=self.run_id))
+            if len(queued) > 1:
+                yield from self._counted(queued.popleft()())
+        while queued:
+            yield from self._counted(queued.popleft()())
+
+    def _counted(self, classified: Classified) -> list[Listed]:
+        s = self.summary
+        with self._lock:
+            for kind, n in classified.counts.items():
+                s.listed += n
+                name = KIND_COUNTERS[kind]
+                setattr(s, name, getattr(s, name) + n)
+        self._report()
+        return classified.to_send
 
     def _report(self) -> None:
         if self.progress is not None:

@@ -104,6 +104,7 @@ class Store:
         self._reader: sqlite3.Connection | None = None  # while the writer runs
         self._read_lock = threading.Lock()
         self._run_counts: dict[int, dict[str, int]] = {}  # written before each COMMIT
+        self._json_each = _has_json_each(self.conn)
         self.stats = StoreStats()
         self.conn.execute("PRAGMA busy_timeout = 30000")
         if create:
@@ -144,6 +145,9 @@ class Store:
             )
             db["items"].create_index(["job", "state"], if_not_exists=True)
             db["items"].create_index(["content_hash", "request_sig"], if_not_exists=True)
+            # Only the few missing images: finding those listed again costs nothing otherwise.
+            self.conn.execute("CREATE INDEX IF NOT EXISTS idx_items_missing ON items (job, key) "
+                              "WHERE missing = 1")
             db["runs"].create(
                 {
                     "id": int, "job": str, "pid": int, "started_at": str, "finished_at": str,
@@ -300,8 +304,25 @@ class Store:
         if run_id is None:
             known = self._read(lambda c: _known_rows(c, job, items))
             return _classified(items, _decide(items, known, request_sig, prep_sig))
-        return self._write(lambda c: self._classify_listed(c, job, items, request_sig=request_sig,
-                                                           prep_sig=prep_sig, run_id=run_id))
+        return self.classify_soon(job, items, request_sig=request_sig, prep_sig=prep_sig,
+                                  run_id=run_id)()
+
+    def classify_soon(self, job: str, items: Sequence[Item], *, request_sig: str, prep_sig: str,
+                      run_id: int) -> Callable[[], Classified]:
+        """`classify` for a run, queued to the writer: returns at once with a function that
+        waits for the committed result. The run lists the next chunk meanwhile: listing holds
+        the interpreter lock, SQLite's join mostly does not, so the two share the cores."""
+
+        def fn(c: sqlite3.Connection) -> Classified:
+            return self._classify_listed(c, job, items, request_sig=request_sig,
+                                         prep_sig=prep_sig, run_id=run_id)
+
+        writer = self._writer
+        op = writer.enqueue(fn) if writer is not None and items else None
+        if op is None:
+            done = self._write(fn) if items else Classified({}, [])
+            return lambda: done
+        return op.wait
 
     def _classify_listed(self, c: sqlite3.Connection, job: str, items: Sequence[Item], *,
                          request_sig: str, prep_sig: str, run_id: int) -> Classified:
@@ -309,8 +330,16 @@ class Store:
         row says something must happen. A rerun over a million unchanged images builds no Python
         object per image and writes nothing to the database file."""
         base = c.execute("SELECT coalesce(max(rowid), 0) FROM temp.listed").fetchone()[0]
-        c.executemany("INSERT INTO temp.listed (key, fp) VALUES (?, ?)",
-                      [(it.key, it.fingerprint) for it in items])
+        if self._json_each:
+            # One statement for the chunk (its rows parsed by SQLite, the interpreter lock let go
+            # once), not one step per row: the listing runs meanwhile without a lock hand-over
+            # per row.
+            c.execute("INSERT INTO temp.listed (key, fp) SELECT json_extract(value, '$[0]'), "
+                      "json_extract(value, '$[1]') FROM json_each(?)",
+                      (json.dumps([(it.key, it.fingerprint) for it in items]),))
+        else:
+            c.executemany("INSERT INTO temp.listed (key, fp) VALUES (?, ?)",
+                          [(it.key, it.fingerprint) for it in items])
         cur = c.cursor()
         cur.row_factory = None
         rows = cur.execute(
@@ -346,10 +375,13 @@ class Store:
 
         def mark(c: sqlite3.Connection) -> int:
             self._index_listed(c)
-            cur = c.execute("UPDATE items SET missing = 1 WHERE job = ? AND missing = 0 AND "
-                            "key NOT IN (SELECT key FROM temp.listed)", (job,))
+            # The job's keys are read from the primary key's index alone (not from the rows,
+            # which carry the answers): a million unchanged images cost an index scan.
+            cur = c.execute("UPDATE items SET missing = 1 WHERE rowid IN (SELECT rowid FROM items "
+                            "WHERE job = ? AND key NOT IN (SELECT key FROM temp.listed)) "
+                            "AND missing = 0", (job,))
             c.execute("UPDATE items SET missing = 0 WHERE job = ? AND missing = 1 AND "
-                      "key IN (SELECT key FROM temp.listed)", (job,))
+                      "EXISTS (SELECT 1 FROM temp.listed l WHERE l.key = items.key)", (job,))
             return cur.rowcount
 
         return self._write(mark)
@@ -616,6 +648,15 @@ class Store:
         finally:
             conn.close()
 
+
+
+def _has_json_each(conn: sqlite3.Connection) -> bool:
+    """SQLite's JSON functions are built in since 3.38 and usually compiled in before."""
+    try:
+        conn.execute("SELECT count(*) FROM json_each('[1]')").fetchone()
+    except sqlite3.OperationalError:
+        return False
+    return True
 
 
 def _known_rows(c: sqlite3.Connection, job: str,
