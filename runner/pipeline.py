@@ -48,6 +48,7 @@ from runner.store import (
 log = logging.getLogger("ximrun.pipeline")
 
 LIST_CHUNK = 500  # listed items classified against the database per query/transaction
+CLASSIFY_AHEAD = 2  # chunks listed while earlier ones are being classified
 SNIFF_BYTES = 64 * 1024  # enough of a file to recognise its format from the header
 
 
@@ -254,13 +255,13 @@ class _Run:
         def skipped(why: str) -> None:  # sources.py has logged the row and why
             self.summary.skipped_rows += 1
 
-        # One chunk is classified (by the store's writer) while the next one is listed.
+        # Chunks are classified (by the store's writer) while the next ones are listed.
         queued: deque[Callable[[], Classified]] = deque()
         for chunk in iter_chunks(sources.list_items(self.job.source, on_skip=skipped), LIST_CHUNK):
             queued.append(self.store.classify_soon(self.job.name, chunk,
                                                    request_sig=self.request_sig,
                                                    prep_sig=self.prep_sig, run_id=self.run_id))
-            if len(queued) > 1:
+            if len(queued) > CLASSIFY_AHEAD:
                 yield from self._counted(queued.popleft()())
         while queued:
             yield from self._counted(queued.popleft()())
@@ -322,7 +323,7 @@ class _Run:
                 s.message = f"{failed} image(s) failed; see `ximrun status` or `ximrun export`"
             else:
                 s.status, s.exit_code = "finished", 0
-        s.missing = self.store.counts(self.job.name)["missing"]
+        s.missing = self.store.missing_count(self.job.name)
         self.store.finish_run(self.run_id, status=s.status, exit_code=s.exit_code,
                               account_after=s.account_after)
         self._report()

@@ -313,9 +313,13 @@ class Store:
         waits for the committed result. The run lists the next chunk meanwhile: listing holds
         the interpreter lock, SQLite's join mostly does not, so the two share the cores."""
 
+        # The chunk's JSON is built here, by the caller, so that the writer holds the
+        # interpreter lock as little as it can while the caller goes on listing.
+        rows = json.dumps([(it.key, it.fingerprint) for it in items]) if self._json_each else None
+
         def fn(c: sqlite3.Connection) -> Classified:
             return self._classify_listed(c, job, items, request_sig=request_sig,
-                                         prep_sig=prep_sig, run_id=run_id)
+                                         prep_sig=prep_sig, run_id=run_id, rows=rows)
 
         writer = self._writer
         op = writer.enqueue(fn) if writer is not None and items else None
@@ -325,33 +329,33 @@ class Store:
         return op.wait
 
     def _classify_listed(self, c: sqlite3.Connection, job: str, items: Sequence[Item], *,
-                         request_sig: str, prep_sig: str, run_id: int) -> Classified:
+                         request_sig: str, prep_sig: str, run_id: int,
+                         rows: str | None) -> Classified:
         """The chunk goes into the run's listing first; SQLite then returns only the images whose
         row says something must happen. A rerun over a million unchanged images builds no Python
         object per image and writes nothing to the database file."""
         base = c.execute("SELECT coalesce(max(rowid), 0) FROM temp.listed").fetchone()[0]
-        if self._json_each:
+        if rows is not None:
             # One statement for the chunk (its rows parsed by SQLite, the interpreter lock let go
             # once), not one step per row: the listing runs meanwhile without a lock hand-over
             # per row.
             c.execute("INSERT INTO temp.listed (key, fp) SELECT json_extract(value, '$[0]'), "
-                      "json_extract(value, '$[1]') FROM json_each(?)",
-                      (json.dumps([(it.key, it.fingerprint) for it in items]),))
+                      "json_extract(value, '$[1]') FROM json_each(?)", (rows,))
         else:
             c.executemany("INSERT INTO temp.listed (key, fp) VALUES (?, ?)",
                           [(it.key, it.fingerprint) for it in items])
         cur = c.cursor()
         cur.row_factory = None
-        rows = cur.execute(
+        found = cur.execute(
             "SELECT l.key, i.fingerprint, i.state, i.reason, i.request_sig, i.prep_sig "
             "FROM temp.listed l LEFT JOIN items i ON i.job = ? AND i.key = l.key "
             "WHERE l.rowid > ? AND NOT coalesce(i.fingerprint = l.fp AND ("
             "(i.state = 'done' AND i.request_sig = ?) OR "
             "(i.state = 'rejected' AND i.prep_sig IS ?)), 0)",
             (job, base, request_sig, prep_sig)).fetchall()
-        by_key = {it.key: it for it in items} if rows else {}
-        acting = [by_key[key] for key, *_ in rows]
-        known = {key: tuple(rest) for key, *rest in rows if rest[1] is not None}
+        by_key = {it.key: it for it in items} if found else {}
+        acting = [by_key[key] for key, *_ in found]
+        known = {key: tuple(rest) for key, *rest in found if rest[1] is not None}
         out = _classified(items, _decide(acting, known, request_sig, prep_sig))
         now = utcnow()
         c.executemany(
@@ -581,6 +585,12 @@ class Store:
             out["reused"] += reused or 0
             out["credits"] += credits or 0
         return out
+
+    def missing_count(self, job: str) -> int:
+        """Images no longer listed (from the partial index: no scan of the rows)."""
+        row = self._read(lambda c: c.execute(
+            "SELECT count(*) FROM items WHERE job = ? AND missing = 1", (job,)).fetchone())
+        return int(row[0])
 
     def failed_among_listed(self, job: str, run_id: int) -> int:
         return self._count_listed(job, "failed")
