@@ -119,6 +119,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog is 5: thirty-two clients connecting at once would see SYNs
+    # dropped and wait a second for the kernel to retry, which no real API front end does.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], emulator: Emulator, idle_timeout_s: float) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
