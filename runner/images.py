@@ -235,6 +235,12 @@ def _prepare(
         if width * height > policy.max_pixels:
             return Verdict("reject", fmt, "too_large")
         resize = 0 < policy.max_side < max(width, height)
+        if fmt == "jpeg":
+            # Hand libjpeg the whole file in one call: Pillow otherwise feeds it 64 KB at a time
+            # and retakes the GIL after each block, so beside a thread busy in Python (the
+            # pipeline's own work) a 12 MP decode waited for the GIL some 40 times, at a switch
+            # interval (5 ms) each, and ran at under half its speed.
+            im.decodermaxblock = len(data)
 
         if verdict.action == "accept" and not resize:
             if fmt == "jpeg":
@@ -256,7 +262,9 @@ def _prepare(
         frame = _to_8bit(im)
         if resize:
             # After draft the ratio left is under 2 for JPEG; Hamming costs what bilinear does
-            # and is sharper, and bicubic would double the time of the whole preparation.
+            # and is sharper; bicubic takes 1.6 times as long. BOX would save a tenth of the
+            # whole preparation but renders small text visibly blockier (mean difference from a
+            # full-resolution Lanczos resize: 5.8 levels of 255, against Hamming's 3.6).
             frame.thumbnail((policy.max_side, policy.max_side), Image.Resampling.HAMMING,
                             reducing_gap=2.0)
         # Encode before the with-block closes the file: closing also drops the pixels.
