@@ -761,9 +761,41 @@ class _Writer:
         self._thread.start()
 
     def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """fn's result once committed; _CLOSED if the writer has stopped (the caller writes)."""
-        op = self.enqueue(fn)
-        return _CLOSED if op is None else op.wait()
+        """fn's result once committed; _CLOSED if the writer has stopped (the caller writes).
+
+        When no commit is in progress the caller commits itself, with whatever else is queued:
+        no hand-over to the writer thread and back, which under a busy interpreter lock costs
+        more than the commit. Otherwise its write joins the writer's next group."""
+        store = self.store
+        if store._lock.acquire(blocking=False):
+            try:
+                with self._gate:
+                    if self._closed:
+                        return _CLOSED
+                op = _Op(fn)
+                ops, stop = self._drain([op])
+                self._commit(ops)
+                if stop:
+                    self._queue.put(None)  # the writer's stop signal, taken along: handed back
+            finally:
+                store._lock.release()
+            return op.wait()
+        queued = self.enqueue(fn)
+        return _CLOSED if queued is None else queued.wait()
+
+    def _drain(self, ops: list[_Op]) -> tuple[list[_Op], bool]:
+        """ops plus every write waiting in the queue; whether the stop signal was among them."""
+        stop = False
+        while len(ops) < self.MAX_GROUP:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if op is None:
+                stop = True
+            else:
+                ops.append(op)
+        return ops, stop
 
     def enqueue(self, fn: Callable[[sqlite3.Connection], Any]) -> _Op | None:
         """Queue a write and return at once; None if the writer has stopped."""
@@ -783,15 +815,11 @@ class _Writer:
 
     def _loop(self) -> None:
         while True:
-            ops = [self._queue.get()]
-            while len(ops) < self.MAX_GROUP:
-                try:
-                    ops.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            last = None in ops
-            group = [op for op in ops if op is not None]
-            if group:
+            first = self._queue.get()
+            if first is None:
+                return
+            with self.store._lock:  # a caller committing by itself finishes first
+                group, last = self._drain([first])
                 self._commit(group)
             if last:
                 return
