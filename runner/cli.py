@@ -440,7 +440,7 @@ def check(files: tuple[str, ...], job_file: str | None, as_json: bool) -> None:
 
 
 SANDBOX_HELP = {
-    "latency_ms": "Delay before every answer.",
+    "latency_ms": "Time from each request to its answer, the emulator's own work included.",
     "jitter_ms": "Extra random delay, up to this much.",
     "p429": "Probability of a 429 with Retry-After.",
     "retry_after_s": "The Retry-After of those 429s.",
