@@ -311,7 +311,9 @@ class _Run:
             with contextlib.suppress(AuthError):
                 s.account_after = _credits_counter(self.client.account_details())
             if listing_complete:
-                self.store.mark_missing(self.job.name, self.run_id)
+                src = self.job.source
+                self.store.mark_missing(self.job.name, self.run_id,
+                                        unique_listing=len(src.paths) + bool(src.manifest) == 1)
             s.pending = self.store.pending_among_listed(self.job.name, self.run_id)
             failed = self.store.failed_among_listed(self.job.name, self.run_id)
             if stopped_by == "interrupted":

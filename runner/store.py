@@ -104,6 +104,7 @@ class Store:
         self._reader: sqlite3.Connection | None = None  # while the writer runs
         self._read_lock = threading.Lock()
         self._run_counts: dict[int, dict[str, int]] = {}  # written before each COMMIT
+        self._listed_all: str | None = None  # the job whose every row this run listed
         self._json_each = _has_json_each(self.conn)
         self.stats = StoreStats()
         self.conn.execute("PRAGMA busy_timeout = 30000")
@@ -257,6 +258,7 @@ class Store:
             # A heap, indexed once when it is asked (mark_missing, the exit code): far cheaper
             # than keeping a B-tree sorted through a million inserts. It lives in a temporary
             # file, not in memory, so a listing of millions of keys does not grow the process.
+            self._listed_all = None
             c.execute("DROP TABLE IF EXISTS temp.listed")
             c.execute("CREATE TEMP TABLE listed (key TEXT, fp TEXT)")
             # A run that is still "running" in the database but whose process is gone crashed.
@@ -374,10 +376,21 @@ class Store:
     def _index_listed(self, c: sqlite3.Connection) -> None:
         c.execute("CREATE INDEX IF NOT EXISTS temp.listed_key ON listed (key)")
 
-    def mark_missing(self, job: str, run_id: int) -> int:
-        """After a complete listing: images the sources no longer list are kept, flagged missing."""
+    def mark_missing(self, job: str, run_id: int, *, unique_listing: bool = False) -> int:
+        """After a complete listing: images the sources no longer list are kept, flagged missing.
+
+        `unique_listing`: the listing cannot name a key twice (one root, or only a manifest).
+        Every listed key has a row by now, so if the job has as many rows as the listing had
+        keys, nothing is missing and the listing holds every row: no index on it is needed."""
 
         def mark(c: sqlite3.Connection) -> int:
+            if unique_listing:
+                rows = c.execute("SELECT count(*) FROM items WHERE job = ?", (job,)).fetchone()[0]
+                listed = c.execute("SELECT count(*) FROM temp.listed").fetchone()[0]
+                if rows == listed:
+                    self._listed_all = job
+                    c.execute("UPDATE items SET missing = 0 WHERE job = ? AND missing = 1", (job,))
+                    return 0
             self._index_listed(c)
             # The job's keys are read from the primary key's index alone (not from the rows,
             # which carry the answers): a million unchanged images cost an index scan.
@@ -603,6 +616,10 @@ class Store:
         listing is a temporary table of the writing connection: asked there."""
 
         def count(c: sqlite3.Connection) -> int:
+            if self._listed_all == job:  # mark_missing found every row listed
+                row = c.execute("SELECT count(*) FROM items WHERE job = ? AND state = ?",
+                                (job, state)).fetchone()
+                return int(row[0])
             self._index_listed(c)
             row = c.execute("SELECT count(*) FROM items WHERE job = ? AND state = ? AND "
                             "key IN (SELECT key FROM temp.listed)", (job, state)).fetchone()

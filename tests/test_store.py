@@ -209,3 +209,23 @@ def test_the_listing_returns_only_what_must_happen(tmp_path):
         assert {x.item.key for x in again.listed} == {f"k{i}" for i in range(1000, 1200)} | {"new"}
         assert s.run_row(run)["listed"] == 1201
         assert s.mark_missing("j", run) == 0
+
+
+def test_a_unique_listing_that_names_every_row_needs_no_index(tmp_path):
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item("a"), item("b"), item("c")], run)
+        s.record_batch("j", run, 1, [answer("a"), answer("b", ok=False)], request_sig="req",
+                       prep_sig="prep", per_image=1)
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item("a"), item("c")], run)
+        assert s.mark_missing("j", run, unique_listing=True) == 1  # b is gone: counts differ
+        assert s.failed_among_listed("j", run) == 0  # b failed, but it was not listed
+        # Everything listed again: no index is built, b is no longer missing, counts still right.
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item("a"), item("b"), item("c")], run)
+        assert s.mark_missing("j", run, unique_listing=True) == 0
+        assert s.counts("j")["missing"] == 0
+        assert (s.pending_among_listed("j", run), s.failed_among_listed("j", run)) == (1, 1)
+        indexes = {r[0] for r in s.conn.execute("SELECT name FROM temp.sqlite_master")}
+        assert "listed_key" not in indexes
