@@ -317,7 +317,8 @@ class Store:
 
         # The chunk's JSON is built here, by the caller, so that the writer holds the
         # interpreter lock as little as it can while the caller goes on listing.
-        rows = json.dumps([(it.key, it.fingerprint) for it in items]) if self._json_each else None
+        rows = (json.dumps([(it.key, it.fingerprint) for it in items], ensure_ascii=False)
+                if self._json_each else None)
 
         def fn(c: sqlite3.Connection) -> Classified:
             return self._classify_listed(c, job, items, request_sig=request_sig,

@@ -229,3 +229,15 @@ def test_a_unique_listing_that_names_every_row_needs_no_index(tmp_path):
         assert (s.pending_among_listed("j", run), s.failed_among_listed("j", run)) == (1, 1)
         indexes = {r[0] for r in s.conn.execute("SELECT name FROM temp.sqlite_master")}
         assert "listed_key" not in indexes
+
+
+def test_keys_in_any_script_are_recognised_on_the_next_run(tmp_path):
+    keys = ["/in/é.jpg", "/in/😀 card.jpg", "/in/日本.jpg", '/in/q"uote\\.jpg', "/in/tab\there.jpg"]
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        assert set(kinds(s, [item(k) for k in keys], run).values()) == {NEW}
+        s.record_batch("j", run, 1, [answer(k) for k in keys], request_sig="req",
+                       prep_sig="prep", per_image=1)
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        assert set(kinds(s, [item(k) for k in keys], run).values()) == {UNCHANGED}
+        assert s.mark_missing("j", run, unique_listing=True) == 0
