@@ -1,10 +1,10 @@
 """The SQLite checkpoint: items, runs, request attempts and credits; the queries that make resume work.
 
 One writer (the run) and any number of readers (status, plan, export): WAL, a busy timeout, and
-short transactions. During a run one thread does every write (`Store.writer`): writes that arrive
-together (request rows from several senders, answered batches) share one transaction, and the
-coordinator reads through a second connection, so no thread queues behind another's commit.
-Nothing here is ever marked `done` without an answer.
+short transactions. During a run writes are grouped (`Store.writer`): writes that arrive together
+(request rows from several senders, answered batches) share one transaction, and the coordinator
+reads through a second connection, so no thread queues behind another's commit. Nothing here is
+ever marked `done` without an answer.
 """
 
 from __future__ import annotations
@@ -81,7 +81,6 @@ class StoreStats:
     transactions: int = 0
     writes: int = 0  # write operations; several share a transaction while the writer runs
     read_s: float = 0.0
-    reads: int = 0
     waits: dict[str, list[float]] = field(default_factory=dict)  # name -> [calls, seconds]
 
 
@@ -107,6 +106,7 @@ class Store:
         self._listed_all: str | None = None  # the job whose every row this run listed
         self._json_each = _has_json_each(self.conn)
         self.stats = StoreStats()
+        self._stats_lock = threading.Lock()
         self.conn.execute("PRAGMA busy_timeout = 30000")
         if create:
             self.conn.execute("PRAGMA journal_mode = WAL")
@@ -201,10 +201,10 @@ class Store:
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[None]:
-        """For a run: one thread commits every write, grouping those that arrive together into
-        one transaction, and reads go through a second connection. A caller of a write still
-        returns only once it is committed (a request's row is on disk before the request leaves),
-        but thirty-two senders no longer take turns at BEGIN ... COMMIT."""
+        """For a run: writes that arrive together share one transaction (see `_Writer`), and
+        reads go through a second connection. A caller of a write still returns only once it is
+        committed (a request's row is on disk before the request leaves), but thirty-two senders
+        no longer take turns at BEGIN ... COMMIT."""
         reader = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
                                  check_same_thread=False)
         reader.row_factory = sqlite3.Row
@@ -249,7 +249,6 @@ class Store:
                 return fn(self.conn)
         finally:
             self.stats.read_s += time.perf_counter() - started
-            self.stats.reads += 1
 
     # --- runs -----------------------------------------------------------------------------------
 
@@ -301,8 +300,6 @@ class Store:
         Without a run (plan) nothing is written. New and changed images become `pending` here, so
         a crash after this point leaves them to be sent by the next run.
         """
-        if not items:
-            return Classified({}, [])
         if run_id is None:
             known = self._read(lambda c: _known_rows(c, job, items))
             return _classified(items, _decide(items, known, request_sig, prep_sig))
@@ -314,7 +311,8 @@ class Store:
         """`classify` for a run, queued to the writer: returns at once with a function that
         waits for the committed result. The run lists the next chunk meanwhile: listing holds
         the interpreter lock, SQLite's join mostly does not, so the two share the cores."""
-
+        if not items:
+            return lambda: Classified({}, [])
         # The chunk's JSON is built here, by the caller, so that the writer holds the
         # interpreter lock as little as it can while the caller goes on listing.
         rows = (json.dumps([(it.key, it.fingerprint) for it in items], ensure_ascii=False)
@@ -325,9 +323,9 @@ class Store:
                                          prep_sig=prep_sig, run_id=run_id, rows=rows)
 
         writer = self._writer
-        op = writer.enqueue(fn) if writer is not None and items else None
+        op = writer.enqueue(fn) if writer is not None else None
         if op is None:
-            done = self._write(fn) if items else Classified({}, [])
+            done = self._write(fn)
             return lambda: done
         return op.wait
 
@@ -575,9 +573,10 @@ class Store:
         self._count_wait(name, time.perf_counter() - started)
 
     def _count_wait(self, name: str, seconds: float) -> None:
-        calls = self.stats.waits.setdefault(name, [0, 0.0])
-        calls[0] += 1
-        calls[1] += seconds
+        with self._stats_lock:  # senders count concurrently
+            calls = self.stats.waits.setdefault(name, [0, 0.0])
+            calls[0] += 1
+            calls[1] += seconds
 
     # --- questions ------------------------------------------------------------------------------
 
@@ -730,13 +729,11 @@ def _decide(items: Iterable[Item], known: dict[str, tuple[Any, ...]], request_si
 
 
 def _classified(items: Sequence[Item], decided: list[Listed]) -> Classified:
-    """Counts for the whole chunk; the images not decided (filtered out by SQL) are unchanged."""
+    """Counts for the whole chunk: what was not decided (filtered out by SQL) is unchanged."""
+    listed = [x for x in decided if x.kind != UNCHANGED]
     counts: dict[str, int] = {}
-    listed: list[Listed] = []
-    for x in decided:
+    for x in listed:
         counts[x.kind] = counts.get(x.kind, 0) + 1
-        if x.kind != UNCHANGED:
-            listed.append(x)
     unchanged = len(items) - len(listed)
     if unchanged:
         counts[UNCHANGED] = unchanged
@@ -764,9 +761,10 @@ class _Op:
 
 
 class _Writer:
-    """The run's one writing thread: it takes every write waiting in its queue, runs each in a
-    savepoint of one transaction and commits them together; each caller then returns (or raises
-    its own error). One commit serves as many callers as arrived while the last one ran."""
+    """Group commit for a run. A caller that finds no commit in progress commits its write itself,
+    with any queued; otherwise its write is queued, and the writer thread commits everything
+    queued in one transaction, each write in a savepoint. Every caller returns after the COMMIT
+    (or raises its own error). Writes queued without waiting (`enqueue`) are the thread's too."""
 
     MAX_GROUP = 256
 

@@ -241,3 +241,15 @@ def test_keys_in_any_script_are_recognised_on_the_next_run(tmp_path):
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         assert set(kinds(s, [item(k) for k in keys], run).values()) == {UNCHANGED}
         assert s.mark_missing("j", run, unique_listing=True) == 0
+
+
+def test_without_sqlite_json_the_listing_is_classified_the_same(tmp_path):
+    with Store(tmp_path / "s.db") as s:
+        s._json_each = False  # an SQLite built without its JSON functions
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        assert kinds(s, [item("a"), item("b")], run) == {"a": NEW, "b": NEW}
+        s.record_batch("j", run, 1, [answer("a")], request_sig="req", prep_sig="prep",
+                       per_image=1)
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        assert kinds(s, [item("a"), item("b")], run) == {"a": UNCHANGED, "b": RESUMED}
+        assert s.mark_missing("j", run, unique_listing=True) == 0
