@@ -10,19 +10,30 @@ import email.utils
 import http.client
 import json
 import logging
+import os
 import random
 import re
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    DecodeError,
+    NewConnectionError,
+    ProtocolError,
+    ProxyError,
+)
+from urllib3.exceptions import HTTPError as TransportError
+from urllib3.exceptions import TimeoutError as TransportTimeout
 
-from runner.errors import AuthError
+from runner import __version__
+from runner.errors import AuthError, JobError
 from runner.job import ApiConfig
 from runner.records import RecordOutcome, RequestRecord
 
@@ -194,9 +205,10 @@ class ApiClient:
         self._stop = stop
         self._sleep = sleep
         self._timeout = (api.connect_timeout_s, api.timeout_s)
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._sessions_lock = threading.Lock()
+        self._headers = {"Authorization": f"Token {token}", "Content-Type": "application/json",
+                         "Accept": "application/json", "Accept-Encoding": "gzip, deflate",
+                         "User-Agent": f"ximrun/{__version__}"}
+        self._http = _pool_manager(endpoint_url, max(1, api.concurrency), self._timeout)
 
     def __repr__(self) -> str:  # the token stays out of reprs and tracebacks
         return f"ApiClient({self.endpoint_url!r})"
@@ -229,28 +241,25 @@ class ApiClient:
         """The account's details (credits), or None if the API does not offer them."""
         url = self.base_url + ACCOUNT_PATH
         try:
-            resp = self._session().get(url, headers=self._headers(), timeout=self._timeout)
-        except requests.RequestException as exc:
+            resp = self._http.urlopen("GET", url, headers=self._headers, redirect=False)
+        except TransportError as exc:
             reason = _transport_error(exc, self._timeout)
             log.debug("account details unavailable: %s", self._redact(reason))
             return None
-        if resp.status_code in (401, 403):
+        if resp.status in (401, 403):
             raise AuthError(self._auth_message(resp))
-        if not 200 <= resp.status_code < 300:
-            log.debug("account details unavailable: http %d", resp.status_code)
+        if not 200 <= resp.status < 300:
+            log.debug("account details unavailable: http %d", resp.status)
             return None
         try:
-            body = resp.json()
+            body = json.loads(resp.data)
         except ValueError:
             log.debug("account details unavailable: the answer is not JSON")
             return None
         return body if isinstance(body, dict) else None
 
     def close(self) -> None:
-        with self._sessions_lock:
-            sessions, self._sessions = self._sessions, []
-        for s in sessions:
-            s.close()
+        self._http.clear()  # closes the pooled connections
 
     def __enter__(self) -> ApiClient:
         return self
@@ -377,23 +386,24 @@ class ApiClient:
         if batch.on_attempt is not None:
             batch.on_attempt([r.id for r in group], batch.requests)
         try:
-            # No redirects: requests would turn a redirected POST into a GET and drop the body.
-            resp = self._session().post(self.endpoint_url, data=build_body(group, self.fields),
-                                        headers=self._headers(), timeout=self._timeout,
-                                        allow_redirects=False)
-        except requests.RequestException as exc:
+            # No redirects: a redirected POST would become a GET without its body. The pool
+            # never retries on its own (retries=False): every try is counted here.
+            resp = self._http.urlopen("POST", self.endpoint_url, body=build_body(group, self.fields),
+                                      headers=self._headers, redirect=False)
+        except TransportError as exc:
             # urllib3 already replaces a pooled connection found dead before sending; what reaches
             # here may have been sent and billed, so it counts as an attempt like any other.
             return _Answer("retry", error=self._redact(_transport_error(exc, self._timeout)))
         return self._read_answer(resp, group)
 
-    def _read_answer(self, resp: requests.Response, group: list[RequestRecord]) -> _Answer:
-        code = resp.status_code
+    def _read_answer(self, resp: urllib3.BaseHTTPResponse, group: list[RequestRecord]
+                     ) -> _Answer:
+        code = resp.status
         if code in (401, 403):
             raise AuthError(self._auth_message(resp))
         body: Any = None
         try:
-            body = resp.json()
+            body = json.loads(resp.data)
         except ValueError:
             pass  # a proxy's HTML page: judged by its status code below
         if 200 <= code < 300 and isinstance(body, dict) and isinstance(body.get("records"), list):
@@ -428,35 +438,13 @@ class ApiClient:
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _session(self) -> requests.Session:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = requests.Session()
-            # requests re-reads proxy variables on every call (a quarter of the client's CPU);
-            # read them once for this endpoint instead, no_proxy included.
-            s.trust_env = False
-            s.proxies.update(requests.utils.get_environ_proxies(self.endpoint_url))
-            size = max(1, self.api.concurrency)
-            # max_retries=0: urllib3 must never resend a POST on its own; retries are counted here.
-            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=size, max_retries=0)
-            s.mount("http://", adapter)
-            s.mount("https://", adapter)
-            self._local.session = s
-            with self._sessions_lock:
-                self._sessions.append(s)
-        return s
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Token {self._token}", "Content-Type": "application/json",
-                "Accept": "application/json"}
-
-    def _auth_message(self, resp: requests.Response, code: int | None = None) -> str:
+    def _auth_message(self, resp: urllib3.BaseHTTPResponse, code: int | None = None) -> str:
         try:
-            body = resp.json()
+            body = json.loads(resp.data)
         except ValueError:
             body = None
         detail = self._redact(_detail(resp, body))
-        return (f"the API refused the token (HTTP {code or resp.status_code}): {detail}; "
+        return (f"the API refused the token (HTTP {code or resp.status}): {detail}; "
                 "check the token variable named in api.token_env")
 
     def _redact(self, text: str) -> str:
@@ -524,7 +512,7 @@ def _body_status(body: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _detail(resp: requests.Response, body: Any) -> str:
+def _detail(resp: urllib3.BaseHTTPResponse, body: Any) -> str:
     """A short reason from an error answer: its JSON detail, or the first words of its text."""
     if isinstance(body, dict):
         for key in ("detail", "message", "error"):
@@ -533,7 +521,7 @@ def _detail(resp: requests.Response, body: Any) -> str:
         status = body.get("status")
         if isinstance(status, Mapping) and status.get("text"):
             return _short(str(status["text"]))
-    text = resp.text or ""
+    text = _text_of_body(resp)
     title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
     if title:
         text = title.group(1)
@@ -546,19 +534,90 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _transport_error(exc: requests.RequestException, timeout: tuple[float, float]) -> str:
-    if isinstance(exc, requests.ConnectTimeout):
+def _text_of_body(resp: urllib3.BaseHTTPResponse) -> str:
+    """The answer's body as text, in the charset its Content-Type names (else UTF-8)."""
+    match = re.search(r"charset=([\w.:-]+)", resp.headers.get("Content-Type", ""), re.I)
+    try:
+        return resp.data.decode(match.group(1) if match else "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return resp.data.decode("utf-8", errors="replace")
+
+
+def _transport_error(exc: TransportError, timeout: tuple[float, float]) -> str:
+    if isinstance(exc, NewConnectionError) or (
+            isinstance(exc, ProxyError) and not isinstance(exc, TransportTimeout)):
+        return f"connection failed ({_short(str(exc), 160)})"
+    if isinstance(exc, ConnectTimeoutError):
         return f"connect timeout after {timeout[0]:g}s"
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, TransportTimeout):
         return f"timeout after {timeout[1]:g}s"
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return "connection dropped while reading the answer"
-    if isinstance(exc, requests.ConnectionError):
+    if isinstance(exc, ProtocolError):
+        # urllib3 says "Connection broken" once the answer has begun, "aborted" before.
+        if str(exc).startswith("Connection broken") or _caused_by(exc, (
+                http.client.IncompleteRead, urllib3.exceptions.IncompleteRead,
+                urllib3.exceptions.InvalidChunkLength)):
+            return "connection dropped while reading the answer"
         if _caused_by(exc, (http.client.RemoteDisconnected, ConnectionResetError,
                             BrokenPipeError)) or "Connection aborted" in str(exc):
             return "connection dropped"
         return f"connection failed ({_short(str(exc), 160)})"
+    if isinstance(exc, DecodeError):
+        return "the answer could not be decompressed"
     return f"{type(exc).__name__}: {_short(str(exc), 160)}"
+
+
+def _pool_manager(endpoint_url: str, size: int,
+                  timeout: tuple[float, float]) -> urllib3.PoolManager:
+    """Connections to the endpoint, shared by every thread: through the proxy the environment
+    names for it (HTTP(S)_PROXY, ALL_PROXY, minus NO_PROXY), read once, with the CA bundle
+    REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE names, else certifi's, else the system's."""
+    kw: dict[str, Any] = {
+        # `size` requests at once, and room for the account's GET beside them.
+        "num_pools": 4, "maxsize": size + 2, "block": False, "retries": False,
+        "timeout": urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+    }
+    ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if not ca:
+        try:
+            import certifi
+        except ImportError:
+            ca = None  # the system's store, as the ssl module finds it
+        else:
+            ca = certifi.where()
+    if ca:
+        kw["ca_certs" if os.path.isfile(ca) else "ca_cert_dir"] = ca
+    proxy = environ_proxy(endpoint_url)
+    if proxy is None:
+        return urllib3.PoolManager(**kw)
+    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if parts.scheme not in ("http", "https"):
+        raise JobError(f"the proxy for {endpoint_url} is {parts.scheme}://...: ximrun speaks "
+                       "to http:// and https:// proxies only (see HTTPS_PROXY, ALL_PROXY)")
+    headers = None
+    if parts.username is not None:
+        auth = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers = urllib3.make_headers(proxy_basic_auth=auth)
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib3.ProxyManager(f"{parts.scheme}://{netloc}", proxy_headers=headers, **kw)
+
+
+def environ_proxy(url: str) -> str | None:
+    """The proxy URL the environment names for `url`, or None (NO_PROXY matches, or none set)."""
+    proxies = urllib.request.getproxies_environment()
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not proxies or not host:
+        return None
+    # NO_PROXY entries may name a host or a host:port.
+    if urllib.request.proxy_bypass_environment(host, proxies) or (
+            parts.port and urllib.request.proxy_bypass_environment(f"{host}:{parts.port}",
+                                                                   proxies)):
+        return None
+    return proxies.get(parts.scheme) or proxies.get("all") or None
 
 
 def _caused_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import random
+import re
 import socket
 import threading
 import time
@@ -599,3 +600,128 @@ def test_a_connection_dropped_before_the_answer_is_retried_and_counted():
     with fake_api(lambda body, _: None) as url:
         out = fake_client(url, max_retries=0).submit_batch(records(1))
     assert out[0].reason == "connection dropped" and out[0].final and out[0].attempts == 1
+
+
+def test_an_answer_cut_short_is_retried_as_a_connection_dropped_while_reading():
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        for _ in range(2):  # the first try and one retry
+            conn, _ = listener.accept()
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                head, _, body = request.partition(b"\r\n\r\n")
+                length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 500\r\n\r\n{\"records\": [")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        out = fake_client(f"http://127.0.0.1:{port}/", max_retries=1).submit_batch(records(1))
+    finally:
+        thread.join(5)
+        listener.close()
+    assert out[0].reason == "connection dropped while reading the answer"
+    assert out[0].final and out[0].attempts == 2
+
+
+def test_a_gzip_answer_is_read():
+    import gzip
+
+    def answer(body, _):
+        data = json.dumps({"records": [{"_id": r["_id"], "_status": {"code": 200}}
+                                       for r in body["records"]]}).encode()
+        return 200, {"Content-Type": "application/json", "Content-Encoding": "gzip"}, \
+            gzip.compress(data)
+
+    with fake_api(answer) as url:
+        out = fake_client(url).submit_batch(records(2))
+    assert all(o.ok for o in out)
+
+
+@contextlib.contextmanager
+def forward_proxy() -> Iterator[tuple[str, list[tuple[str, str | None]]]]:
+    """A plain HTTP forward proxy on loopback; yields its URL and (target URL, Proxy-Authorization)
+    of every request it forwarded."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _forward(self) -> None:
+            seen.append((self.path, self.headers.get("Proxy-Authorization")))
+            target = urlsplit(self.path)
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("proxy-authorization", "proxy-connection", "host")}
+            upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
+            upstream.request(self.command, target.path or "/", body=body or None, headers=headers)
+            resp = upstream.getresponse()
+            data = resp.read()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("content-length", "connection", "transfer-encoding"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            upstream.close()
+
+        do_GET = do_POST = _forward  # noqa: N815 (http.server's naming)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_requests_go_through_the_proxy_the_environment_names_unless_no_proxy_says_otherwise(
+        monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    with sandbox() as sb, forward_proxy() as (proxy, seen):
+        monkeypatch.setenv("http_proxy", f"http://ximrun:p%40ss@{proxy}")
+        with client_for(sb) as client:
+            out = client.submit_batch(records(3))
+            details = client.account_details()
+        assert all(o.ok for o in out) and details is not None
+        assert [url for url, _ in seen] == [sb.endpoint_url(), sb.base_url + "account/v2/details/"]
+        expected = "Basic " + base64.b64encode(b"ximrun:p@ss").decode()
+        assert all(auth == expected for _, auth in seen)
+        assert sum(billed_per_record(sb).values()) == 3
+
+        port = sb.endpoint_url().split(":")[2].split("/")[0]
+        for no_proxy in ("127.0.0.1", f"127.0.0.1:{port}", "*"):
+            monkeypatch.setenv("no_proxy", no_proxy)
+            before = len(seen)
+            with client_for(sb) as client:
+                assert all(o.ok for o in client.submit_batch(records(1, prefix=no_proxy)))
+            assert len(seen) == before, no_proxy
+
+
+def test_a_proxy_of_a_scheme_the_client_cannot_speak_is_refused_by_name(monkeypatch):
+    from runner.errors import JobError
+
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.setenv("https_proxy", "socks5://127.0.0.1:1080")
+    with pytest.raises(JobError, match="socks5"):
+        ApiClient("https://api.example.com/v2/tag", TOKEN, ApiConfig())
