@@ -48,6 +48,8 @@ from runner.store import (
 log = logging.getLogger("ximrun.pipeline")
 
 LIST_CHUNK = 500  # listed items classified against the database per query/transaction
+# While requests are in flight, a chunk's transaction holds up their attempt rows: smaller ones.
+LIST_CHUNK_SENDING = 100
 CLASSIFY_AHEAD = 2  # chunks listed while earlier ones are being classified
 SNIFF_BYTES = 64 * 1024  # enough of a file to recognise its format from the header
 
@@ -248,6 +250,7 @@ class _Run:
         self.batch_no = 0
         self.run_id = 0
         self.auth_error: AuthError | None = None
+        self.sending = 0  # batches handed to the request threads and not finished
 
     # listing and classification
 
@@ -257,7 +260,8 @@ class _Run:
 
         # Chunks are classified (by the store's writer) while the next ones are listed.
         queued: deque[Callable[[], Classified]] = deque()
-        for chunk in iter_chunks(sources.list_items(self.job.source, on_skip=skipped), LIST_CHUNK):
+        listed = sources.list_items(self.job.source, on_skip=skipped)
+        for chunk in iter_chunks(listed, lambda: LIST_CHUNK_SENDING if self.sending else LIST_CHUNK):
             queued.append(self.store.classify_soon(self.job.name, chunk,
                                                    request_sig=self.request_sig,
                                                    prep_sig=self.prep_sig, run_id=self.run_id))
@@ -337,7 +341,11 @@ class _Run:
         bs = job.api.batch_size
         prep_workers = max(2, min(8, (os.cpu_count() or 2) + 2))
         prep_window = max(4 * prep_workers, bs * job.api.concurrency)
-        send_window = job.api.concurrency + 1  # one batch waiting per worker keeps them all busy
+        # The client lets `concurrency` requests be in flight. A few more sender threads than
+        # that let a request's thread commit its answers while another thread's request already
+        # uses its slot: committing never holds a slot of the API's concurrency.
+        senders = job.api.concurrency + max(1, job.api.concurrency // 4)
+        send_window = senders + 1  # one batch waiting per sender keeps them all busy
         listing = self._listed()
         intake_done = exhausted = limited = False
         stopped_by: str | None = None  # "interrupted", "auth" or "budget": nothing more is sent
@@ -353,7 +361,7 @@ class _Run:
         last_beat = time.monotonic()
 
         with ThreadPoolExecutor(prep_workers, thread_name_prefix="prep") as prep_pool, \
-                ThreadPoolExecutor(job.api.concurrency, thread_name_prefix="send") as send_pool:
+                ThreadPoolExecutor(senders, thread_name_prefix="send") as send_pool:
             while True:
                 stopped_by = self._stop_reason(stopped_by)
                 # 1. take up listed images while the preparation window has room; prepared images
@@ -392,6 +400,7 @@ class _Run:
                     take, batch[:n] = batch[:n], []
                     f = send_pool.submit(self._send, self._next_batch(), take)
                     send_inflight.add(f)
+                    self.sending = len(send_inflight)
                     f.add_done_callback(finished.put)
                 # 4. finished?
                 if stopped_by is not None and not send_inflight:
@@ -415,6 +424,7 @@ class _Run:
                             prepared.append(f.result())
                     elif f in send_inflight:
                         send_inflight.discard(f)
+                        self.sending = len(send_inflight)
                         try:
                             f.result()
                         except AuthError as exc:

@@ -910,11 +910,13 @@ def open_readonly(path: Path) -> Store:
     return Store(path, create=False)
 
 
-def iter_chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def iter_chunks(items: Iterable[Any], size: int | Callable[[], int]) -> Iterator[list[Any]]:
+    """Lists of `size` items (the last one shorter); a callable size is asked for each list."""
+    limit = size if callable(size) else lambda: size
     chunk: list[Any] = []
     for it in items:
         chunk.append(it)
-        if len(chunk) >= size:
+        if len(chunk) >= limit():
             yield chunk
             chunk = []
     if chunk:
