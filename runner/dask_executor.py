@@ -22,7 +22,7 @@ from typing import Any, cast
 from runner.client import ApiClient
 from runner.errors import AuthError, JobError
 from runner.job import ExecutorConfig, Job
-from runner.pipeline import Ready, Refused, Summary, _Run, prepare_item, submit_prepared
+from runner.pipeline import Ready, Refused, Summary, _Run, prepare_items, submit_prepared
 from runner.records import Item, RecordOutcome
 
 try:
@@ -85,7 +85,7 @@ def _worker_client(w: WorkerJob) -> ApiClient:
 
 def prepare_chunk(w: WorkerJob, items: Sequence[Item]) -> Prepared:
     """Read and prepare a chunk of images; the result stays on this worker for send_batch."""
-    return {it.key: prepare_item(w.job, it) for it in items}
+    return {it.key: r for it, r in zip(items, prepare_items(w.job, items), strict=True)}
 
 
 def describe_chunk(prepared: Prepared) -> list[Ready | Refused]:

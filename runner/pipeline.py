@@ -28,7 +28,7 @@ from typing import Any
 from runner import images, sources
 from runner.client import ApiClient, AttemptFn
 from runner.errors import AuthError, LockedError, ReadError, SourceError
-from runner.job import Job
+from runner.job import ImagePolicy, Job
 from runner.records import Item, PreparedImage, RecordOutcome, RequestRecord
 from runner.store import (
     CHANGED,
@@ -125,23 +125,52 @@ class Refused:
 
 def prepare_item(job: Job, item: Item) -> Ready | Refused:
     """Read, check and convert one image; never raises for a bad image or a vanished object."""
+    return prepare_items(job, [item])[0]
+
+
+def prepare_items(job: Job, items: Sequence[Item]) -> list[Ready | Refused]:
+    """Read, check and convert images, in order; never raises for a bad image or a vanished
+    object. Objects in remote storage are fetched at the same time."""
     policy = job.images
-    try:
+    out: list[Ready | Refused | None] = [None] * len(items)
+    to_read: list[int] = []
+    for i, item in enumerate(items):
         if policy.send == "url":
-            url = sources.presign(item, job.source)
-            if url is not None:
-                head = sources.read_bytes(item, job.source, max_bytes=SNIFF_BYTES)
-                verdict = images.decide(images.sniff_format(head) if head else None, policy)
-                if not head:
-                    return Refused(item, "empty", read_failed=False)
-                if verdict.action == "reject":
-                    return Refused(item, verdict.reason or "rejected", read_failed=False)
-                if verdict.action == "accept" and policy.max_side == 0:
-                    # The API fetches the bytes itself; without them there is no content hash.
-                    return Ready(item, RequestRecord(item.key, url=url, extra=item.extra), None)
-        data = sources.read_bytes(item, job.source)
-    except ReadError as exc:
-        return Refused(item, str(exc), read_failed=True)
+            try:
+                out[i] = _by_url(job, item)
+            except ReadError as exc:
+                out[i] = Refused(item, str(exc), read_failed=True)
+        if out[i] is None:
+            to_read.append(i)
+    data = sources.read_many([items[i] for i in to_read], job.source)
+    for i, got in zip(to_read, data, strict=True):
+        if isinstance(got, ReadError):
+            out[i] = Refused(items[i], str(got), read_failed=True)
+        else:
+            out[i] = _from_bytes(items[i], got, policy)
+    return out  # type: ignore[return-value]
+
+
+def _by_url(job: Job, item: Item) -> Ready | Refused | None:
+    """send = "url": a URL for the API to fetch, or None when the bytes must be sent after all
+    (no presigned URL, or the image needs converting)."""
+    policy = job.images
+    url = sources.presign(item, job.source)
+    if url is None:
+        return None
+    head = sources.read_bytes(item, job.source, max_bytes=SNIFF_BYTES)
+    if not head:
+        return Refused(item, "empty", read_failed=False)
+    verdict = images.decide(images.sniff_format(head), policy)
+    if verdict.action == "reject":
+        return Refused(item, verdict.reason or "rejected", read_failed=False)
+    if verdict.action == "accept" and policy.max_side == 0:
+        # The API fetches the bytes itself; without them there is no content hash.
+        return Ready(item, RequestRecord(item.key, url=url, extra=item.extra), None)
+    return None
+
+
+def _from_bytes(item: Item, data: bytes, policy: ImagePolicy) -> Ready | Refused:
     result = images.prepare_image(data, policy)
     if not isinstance(result, PreparedImage):
         return Refused(item, result.reason or "rejected", read_failed=False)
@@ -339,8 +368,11 @@ class _Run:
         """Returns (why it stopped early or None, whether the whole listing was seen)."""
         job = self.job
         bs = job.api.batch_size
-        prep_workers = max(2, min(8, (os.cpu_count() or 2) + 2))
-        prep_window = max(4 * prep_workers, bs * job.api.concurrency)
+        # Preparation takes a batch's worth of images per task: one hand-over (and one remote
+        # fetch of them all) instead of one per image. A thread per core: decoders release the
+        # GIL, and more threads than that only fight over it for the Python around them.
+        prep_workers = max(2, os.cpu_count() or 2)
+        prep_window = max(2 * prep_workers * bs, bs * job.api.concurrency)
         # The client lets `concurrency` requests be in flight. A few more sender threads than
         # that let a request's thread commit its answers while another thread's request already
         # uses its slot: committing never holds a slot of the API's concurrency.
@@ -352,7 +384,8 @@ class _Run:
         taken = 0
         batch: list[Ready] = []
         prepared: list[Ready | Refused] = []  # finished, not yet routed
-        prep_inflight: set[Future[Ready | Refused]] = set()
+        prep_inflight: dict[Future[list[Ready | Refused]], int] = {}  # -> images in the task
+        preparing = 0  # images in prep_inflight
         send_inflight: set[Future[int]] = set()
         # Finished futures arrive here: one wake-up per completion, not a scan of hundreds of
         # futures (concurrent.futures.wait locks every one of them on every call).
@@ -368,18 +401,23 @@ class _Run:
                 # waiting for a batch count too, or a slow API would let every image's bytes pile
                 # up in memory
                 while (stopped_by is None and not intake_done
-                       and len(prep_inflight) + len(prepared) + len(batch) < prep_window):
-                    if limit is not None and taken >= limit:
-                        intake_done = limited = True
-                        break
-                    nxt = next(listing, None)
-                    if nxt is None:
-                        intake_done = exhausted = True
-                        break
-                    taken += 1
-                    f = prep_pool.submit(prepare_item, job, nxt.item)
-                    prep_inflight.add(f)
-                    f.add_done_callback(finished.put)
+                       and preparing + len(prepared) + len(batch) < prep_window):
+                    task: list[Item] = []
+                    while len(task) < bs:
+                        if limit is not None and taken >= limit:
+                            intake_done = limited = True
+                            break
+                        nxt = next(listing, None)
+                        if nxt is None:
+                            intake_done = exhausted = True
+                            break
+                        taken += 1
+                        task.append(nxt.item)
+                    if task:
+                        f = prep_pool.submit(prepare_items, job, task)
+                        prep_inflight[f] = len(task)
+                        preparing += len(task)
+                        f.add_done_callback(finished.put)
                 # 2. route prepared images: refused, reused, waiting on a copy, or into a batch;
                 # a batch's worth at a time (one database question for all of them)
                 if stopped_by is not None:
@@ -419,9 +457,9 @@ class _Run:
                     self._report()
                 for f in done:
                     if f in prep_inflight:
-                        prep_inflight.discard(f)
+                        preparing -= prep_inflight.pop(f)
                         if not f.cancelled():
-                            prepared.append(f.result())
+                            prepared.extend(f.result())
                     elif f in send_inflight:
                         send_inflight.discard(f)
                         self.sending = len(send_inflight)
@@ -696,9 +734,10 @@ def plan_job(job: Job, progress: ProgressFn | None = None) -> Summary:
             seen.add(h)
         s.sent += 1
 
-    workers = max(2, min(8, (os.cpu_count() or 2) + 2))
+    workers = max(2, os.cpu_count() or 2)
+    task = job.api.batch_size
     with store, ThreadPoolExecutor(workers, thread_name_prefix="plan") as pool:
-        inflight: set[Future[Ready | Refused]] = set()
+        inflight: set[Future[list[Ready | Refused]]] = set()
         for chunk in iter_chunks(sources.list_items(job.source, on_skip=skipped), LIST_CHUNK):
             classified = store.classify(job.name, chunk, request_sig=request_sig,
                                         prep_sig=prep_sig, run_id=None)
@@ -706,16 +745,19 @@ def plan_job(job: Job, progress: ProgressFn | None = None) -> Summary:
             for kind, n in classified.counts.items():
                 name = KIND_COUNTERS[kind]
                 setattr(s, name, getattr(s, name) + n)
-            for x in classified.to_send:
-                inflight.add(pool.submit(prepare_item, job, x.item))
+            to_send = [x.item for x in classified.to_send]
+            for i in range(0, len(to_send), task):
+                inflight.add(pool.submit(prepare_items, job, to_send[i:i + task]))
                 if len(inflight) >= 4 * workers:
                     done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
                     for f in done:
-                        settle(f.result())
+                        for r in f.result():
+                            settle(r)
             if progress:
                 progress(s)
         for f in inflight:
-            settle(f.result())
+            for r in f.result():
+                settle(r)
     s.credits = s.sent * job.credits.per_image
     s.elapsed_s = round(time.monotonic() - started, 3)
     return s

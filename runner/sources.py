@@ -6,6 +6,7 @@ ListObjectsV2 page at a time, manifests one row at a time.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import io
@@ -17,13 +18,14 @@ import re
 import stat
 import threading
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 from fsspec.spec import AbstractFileSystem
 
 from runner.errors import ReadError, SourceError
@@ -132,19 +134,58 @@ def read_bytes(item: Item, source: SourceConfig, max_bytes: int | None = None) -
         if max_bytes is None:
             return fs.cat_file(path)
         return fs.cat_file(path, start=0, end=max_bytes)
-    except FileNotFoundError:
-        raise ReadError(f"not_found: {uri}") from None
-    except PermissionError:
-        raise ReadError(f"access_denied: {uri}") from None
-    except IsADirectoryError:
-        raise ReadError(f"read_error: {uri} is a folder") from None
-    except Exception as exc:  # each fsspec backend raises its own types (botocore, aiohttp, ...)
-        status = getattr(exc, "status", None) or getattr(exc, "code", None)
-        if status == 404:
-            raise ReadError(f"not_found: {uri}") from None
-        if status in (401, 403):
-            raise ReadError(f"access_denied: {uri}") from None
-        raise ReadError(f"read_error: {uri}: {_short(exc)}") from None
+    except Exception as exc:
+        raise _read_error(exc, uri) from None
+
+
+def read_many(items: Sequence[Item], source: SourceConfig) -> list[bytes | ReadError]:
+    """Every item's bytes, or the ReadError that says why not, in order. Objects of an
+    asynchronous filesystem (S3, HTTP, ...) are fetched at the same time, the rest one by one."""
+    out: list[bytes | ReadError | None] = [None] * len(items)
+    remote: dict[int, tuple[AbstractFileSystem, list[tuple[int, str]]]] = {}
+    for i, item in enumerate(items):
+        if not item.uri.startswith("/"):
+            try:
+                fs, path = _fs_for(item.uri, source)
+            except Exception as exc:
+                out[i] = _read_error(exc, item.uri)
+                continue
+            if getattr(fs, "async_impl", False):
+                remote.setdefault(id(fs), (fs, []))[1].append((i, path))
+                continue
+        try:
+            out[i] = read_bytes(item, source)
+        except ReadError as exc:
+            out[i] = exc
+    for fs, paths in remote.values():
+        # fs.cat would expand glob characters in keys; each object's own coroutine does not.
+        got = fsspec.asyn.sync(fs.loop, _cat_all, fs, [path for _, path in paths])
+        for (i, _), data in zip(paths, got, strict=True):
+            out[i] = _read_error(data, items[i].uri) if isinstance(data, BaseException) else data
+    return out  # type: ignore[return-value]
+
+
+async def _cat_all(fs: Any, paths: list[str]) -> list[bytes | BaseException]:
+    return await asyncio.gather(*(fs._cat_file(p) for p in paths), return_exceptions=True)
+
+
+def _read_error(exc: BaseException, uri: str) -> ReadError:
+    """The reason an item's bytes could not be read, from whatever its backend raised."""
+    if isinstance(exc, ReadError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return ReadError(f"not_found: {uri}")
+    if isinstance(exc, PermissionError):
+        return ReadError(f"access_denied: {uri}")
+    if isinstance(exc, IsADirectoryError):
+        return ReadError(f"read_error: {uri} is a folder")
+    # Each fsspec backend raises its own types (botocore, aiohttp, ...).
+    status = getattr(exc, "status", None) or getattr(exc, "code", None)
+    if status == 404:
+        return ReadError(f"not_found: {uri}")
+    if status in (401, 403):
+        return ReadError(f"access_denied: {uri}")
+    return ReadError(f"read_error: {uri}: {_short(exc)}")
 
 
 def presign(item: Item, source: SourceConfig, expires_s: int = 3600) -> str | None:

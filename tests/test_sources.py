@@ -221,6 +221,26 @@ def test_s3_object_deleted_after_listing_is_a_not_found_read_error(s3_bucket) ->
         sources.read_bytes(item, source)
 
 
+def test_read_many_fetches_objects_together_and_says_why_one_is_missing(s3_bucket,
+                                                                         tmp_path) -> None:
+    # Keys with glob characters are objects like any other, never patterns.
+    b = s3_bucket
+    names = {"a[1].jpg": b"one", "b*?.jpg": b"two", "c/d.jpg": b"three", "gone.jpg": b"four"}
+    b.put_many(names)
+    local = tmp_path / "local.jpg"
+    local.write_bytes(b"five")
+    source = src(b.url(), storage_options=b.storage_options)
+    items = by_key(source)
+    b.client.delete_object(Bucket=b.name, Key="gone.jpg")
+    order = [items[b.url("c/d.jpg")], Item(str(local), str(local), 4, "x"),
+             items[b.url("gone.jpg")], items[b.url("a[1].jpg")], items[b.url("b*?.jpg")],
+             Item(str(tmp_path / "none.jpg"), str(tmp_path / "none.jpg"), 1, "x")]
+    got = sources.read_many(order, source)
+    assert got[:2] == [b"three", b"five"] and got[3:5] == [b"one", b"two"]
+    assert isinstance(got[2], ReadError) and str(got[2]) == f"not_found: {b.url('gone.jpg')}"
+    assert isinstance(got[5], ReadError) and str(got[5]).startswith("not_found: ")
+
+
 def test_s3_access_denied_on_read_and_on_listing(s3_bucket) -> None:
     # moto does not evaluate bucket policies; it does enforce IAM user policies once auth is on.
     b = s3_bucket
