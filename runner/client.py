@@ -75,23 +75,34 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, seconds)
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def build_body(records: Sequence[RequestRecord], fields: Mapping[str, Any]) -> bytes:
     """The JSON body: `records` (`_id` plus `_base64` or `_url`) beside the top-level fields."""
     out = []
     for r in records:
-        rec: dict[str, Any] = {"_id": r.id}
         if r.data is not None:
-            rec["_base64"] = base64.b64encode(r.data).decode("ascii")
+            image = "_base64"
         elif r.url is not None:
-            rec["_url"] = r.url
+            image = "_url"
         else:
             raise ValueError(f"record {r.id!r} has neither bytes nor a URL")
+        rec: dict[str, Any] = {"_id": r.id}
+        if image == "_url":
+            rec["_url"] = r.url
         # Metadata travels with the record but never replaces its id or its image.
         for key, value in r.extra.items():
-            rec.setdefault(key, value)
-        out.append(rec)
-    body = {**fields, "records": out}
-    return json.dumps(body, separators=(",", ":"), default=str).encode("utf-8")
+            if key != image:
+                rec.setdefault(key, value)
+        text = _encode(rec).encode("ascii")
+        if image == "_base64":
+            # Base64 needs no JSON escaping: the record is closed around it, not encoded again.
+            text = b"".join((text[:-1], b',"_base64":"', base64.b64encode(r.data), b'"}'))
+        out.append(text)
+    rest = {k: v for k, v in fields.items() if k != "records"}
+    head = _encode(rest).encode("ascii")[:-1] + (b"," if rest else b"")
+    return b"".join((head, b'"records":[', b",".join(out), b"]}"))
 
 
 class AdaptiveLimit:

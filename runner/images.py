@@ -188,16 +188,30 @@ def prepare_image(data: bytes, policy: ImagePolicy) -> PreparedImage | Verdict:
 
     failure: Verdict | None = None
     for decoder in decoders:
-        reader = _Reader(data)
         try:
-            return _prepare(reader, decoder, data, fmt, verdict, policy)
+            return _prepare(_File(data), decoder, data, fmt, verdict, policy)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError):
             return Verdict("reject", fmt, "too_large")
-        except Exception as exc:
+        except Exception:  # noqa: BLE001 -- why is found out below, on a second, watched try
             # Pillow's plugins raise many types on malformed input (OSError, SyntaxError,
             # struct.error, IndexError, ValueError, ...): for one image, each means "bad content".
-            failure = failure or Verdict("reject", fmt, _failure_reason(exc, reader, data))
+            if failure is None:
+                failure = Verdict("reject", fmt, _why(decoder, data, fmt, verdict, policy))
     return failure or Verdict("reject", fmt, "corrupt")
+
+
+def _why(decoder: str, data: bytes, fmt: str, verdict: Verdict, policy: ImagePolicy) -> str:
+    """Truncated or corrupt: the failed decode again, over a file that notes a short read
+    (watching every read costs a tenth of a small image's preparation, so only failures pay)."""
+    reader = _Reader(data)
+    try:
+        _prepare(reader, decoder, data, fmt, verdict, policy)
+    except Exception as exc:  # noqa: BLE001 -- the failure being explained
+        return _failure_reason(exc, reader, data)
+    return "corrupt"  # it failed once and not twice: nothing to blame but the content
+
+
+_File = io.BytesIO  # what a decoder reads the bytes through (its reads are C calls)
 
 
 class _Reader(io.BytesIO):

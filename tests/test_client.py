@@ -128,6 +128,14 @@ def test_the_body_carries_fields_metadata_and_one_image_per_record():
         {"_id": "a", "_base64": base64.b64encode(b"\x01\x02").decode(), "sku": "X1"},
         {"_id": "b", "_url": "https://example.com/b.jpg"},
     ]
+    # Metadata never replaces the image; any key text survives; fields cannot replace records.
+    recs = [RequestRecord('ключ/"ü"\\.jpg', data=b"\xff" * 7, extra={"_base64": "no", "n": 1}),
+            RequestRecord("u", url="https://example.com/u.jpg", extra={"_url": "no", "_base64": 2})]
+    body = json.loads(build_body(recs, {"records": "no"}))
+    assert body == {"records": [
+        {"_id": 'ключ/"ü"\\.jpg', "_base64": base64.b64encode(b"\xff" * 7).decode(), "n": 1},
+        {"_id": "u", "_url": "https://example.com/u.jpg", "_base64": 2}]}
+    assert json.loads(build_body(recs[:1], {})) == {"records": body["records"][:1]}
 
 
 def test_a_record_with_neither_bytes_nor_url_is_a_programming_error():

@@ -308,14 +308,14 @@ def test_jpeg_is_handed_to_the_decoder_in_one_read(big_jpeg: bytes, monkeypatch)
     # One read, so one decoder call: the GIL is released once for the whole decode, rather
     # than retaken after each 64 KB block (each a wait while another thread runs Python).
     reads: list[int] = []
-    original = images._Reader.read
 
-    def spy(self, size=-1):
-        chunk = original(self, size)
-        reads.append(len(chunk))
-        return chunk
+    class Spy(io.BytesIO):
+        def read(self, size=-1):
+            chunk = super().read(size)
+            reads.append(len(chunk))
+            return chunk
 
-    monkeypatch.setattr(images._Reader, "read", spy)
+    monkeypatch.setattr(images, "_File", Spy)
     for policy in (DEFAULT, ImagePolicy(max_side=1024)):  # validated as is, and resized
         reads.clear()
         prepared(big_jpeg, policy)
