@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from runner import images, sources
+from runner import sources
 from runner.client import ApiClient, AttemptFn
 from runner.errors import AuthError, LockedError, ReadError, SourceError
 from runner.job import ImagePolicy, Job
@@ -47,9 +47,14 @@ from runner.store import (
 
 log = logging.getLogger("ximrun.pipeline")
 
-LIST_CHUNK = 500  # listed items classified against the database per query/transaction
-# While requests are in flight, a chunk's transaction holds up their attempt rows: smaller ones.
+# Listed items are classified against the database a chunk at a time (one transaction each).
+# The first chunk is small, so that the first batch leaves soon; while nothing is being sent,
+# each chunk doubles, up to LIST_CHUNK (a rerun with nothing to send: fewer hand-overs between
+# the listing and the writer); while requests are in flight, chunks stay small, as a chunk's
+# transaction holds up their attempt rows.
 LIST_CHUNK_SENDING = 100
+LIST_CHUNK = 5000
+PLAN_CHUNK = 500  # plan reads, it does not write: its chunks only pace its progress
 CLASSIFY_AHEAD = 2  # chunks listed while earlier ones are being classified
 SNIFF_BYTES = 64 * 1024  # enough of a file to recognise its format from the header
 
@@ -154,6 +159,8 @@ def prepare_items(job: Job, items: Sequence[Item]) -> list[Ready | Refused]:
 def _by_url(job: Job, item: Item) -> Ready | Refused | None:
     """send = "url": a URL for the API to fetch, or None when the bytes must be sent after all
     (no presigned URL, or the image needs converting)."""
+    from runner import images
+
     policy = job.images
     url = sources.presign(item, job.source)
     if url is None:
@@ -171,6 +178,10 @@ def _by_url(job: Job, item: Item) -> Ready | Refused | None:
 
 
 def _from_bytes(item: Item, data: bytes, policy: ImagePolicy) -> Ready | Refused:
+    # Pillow and its plugins load with the first image prepared: a rerun with nothing to send
+    # starts without them.
+    from runner import images
+
     result = images.prepare_image(data, policy)
     if not isinstance(result, PreparedImage):
         return Refused(item, result.reason or "rejected", read_failed=False)
@@ -206,6 +217,8 @@ def submit_prepared(job: Job, client: ApiClient, batch: Sequence[Ready],
             data = sources.read_bytes(r.item, job.source)
         except ReadError:
             continue
+        from runner import images
+
         smaller = images.prepare_image(data, policy)
         if isinstance(smaller, PreparedImage):
             again.append(RequestRecord(r.item.key, data=smaller.data, extra=r.item.extra))
@@ -290,7 +303,14 @@ class _Run:
         # Chunks are classified (by the store's writer) while the next ones are listed.
         queued: deque[Callable[[], Classified]] = deque()
         listed = sources.list_items(self.job.source, on_skip=skipped)
-        for chunk in iter_chunks(listed, lambda: LIST_CHUNK_SENDING if self.sending else LIST_CHUNK):
+        size = LIST_CHUNK_SENDING
+
+        def chunk_size() -> int:
+            return LIST_CHUNK_SENDING if self.sending else size
+
+        for chunk in iter_chunks(listed, chunk_size):
+            if not self.sending:
+                size = min(LIST_CHUNK, size * 2)
             queued.append(self.store.classify_soon(self.job.name, chunk,
                                                    request_sig=self.request_sig,
                                                    prep_sig=self.prep_sig, run_id=self.run_id))
@@ -738,7 +758,7 @@ def plan_job(job: Job, progress: ProgressFn | None = None) -> Summary:
     task = job.api.batch_size
     with store, ThreadPoolExecutor(workers, thread_name_prefix="plan") as pool:
         inflight: set[Future[list[Ready | Refused]]] = set()
-        for chunk in iter_chunks(sources.list_items(job.source, on_skip=skipped), LIST_CHUNK):
+        for chunk in iter_chunks(sources.list_items(job.source, on_skip=skipped), PLAN_CHUNK):
             classified = store.classify(job.name, chunk, request_sig=request_sig,
                                         prep_sig=prep_sig, run_id=None)
             s.listed += len(chunk)

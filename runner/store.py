@@ -315,7 +315,7 @@ class Store:
             return lambda: Classified({}, [])
         # The chunk's JSON is built here, by the caller, so that the writer holds the
         # interpreter lock as little as it can while the caller goes on listing.
-        rows = (json.dumps([(it.key, it.fingerprint) for it in items], ensure_ascii=False)
+        rows = (_listing_json([(it.key, it.fingerprint) for it in items])
                 if self._json_each else None)
 
         def fn(c: sqlite3.Connection) -> Classified:
@@ -908,6 +908,12 @@ class _Transaction:
 def open_readonly(path: Path) -> Store:
     """For status/plan/export while a run writes: no schema changes, no journal-mode switch."""
     return Store(path, create=False)
+
+
+# Keys in any script as UTF-8, not escapes; no separator spaces; tuples of strings need no check
+# for cycles.
+_listing_json = json.JSONEncoder(ensure_ascii=False, check_circular=False,
+                                 separators=(",", ":")).encode
 
 
 def iter_chunks(items: Iterable[Any], size: int | Callable[[], int]) -> Iterator[list[Any]]:
