@@ -1,3 +1,3 @@
-from runner.cli import entry
+from runner.launch import main
 
-entry()
+main()

@@ -27,6 +27,8 @@ EXIT_LOCKED = 75
 LOG_EVERY_S = float(os.environ.get("XIMRUN_LOG_EVERY_S", "30"))
 
 log = logging.getLogger("ximrun")
+# Set by a SIGINT or SIGTERM that came while the command started (runner/launch.py).
+_early_stop: threading.Event | None = None
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -57,8 +59,21 @@ def _load(path: str, *, require_token: bool = True) -> Job:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ximrun")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Run batch image jobs against a Ximilar-style API; resumable, never paying twice."""
+    if ctx.invoked_subcommand != "run":
+        _default_signals()
+
+
+def _default_signals() -> None:
+    """Commands other than `run` stop at once on SIGINT or SIGTERM, as they did before start-up
+    caught the signals; one that came during start-up ends the command now."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if _early_stop is not None and _early_stop.is_set():
+        click.echo("ximrun: interrupted", err=True)
+        sys.exit(130)
 
 
 # --- run / plan --------------------------------------------------------------------------------
@@ -162,11 +177,14 @@ def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_
     """List, check and send new or changed images; record every answer. Resumes by design."""
     _setup_logging(verbose, quiet)
     if dry_run:
+        _default_signals()
         _plan(job_file, as_json)
         return
     # Before the slow imports: a stop that comes meanwhile is a clean exit 4, not a traceback.
-    stop = threading.Event()
+    stop = _early_stop or threading.Event()
     _install_signals(stop)
+    if stop.is_set():
+        click.echo("ximrun: a stop signal came while starting: nothing will be sent", err=True)
     job = _load(job_file)
     if dask_address:
         job = dataclasses.replace(
@@ -487,8 +505,11 @@ def sandbox(host: str, port: int, **settings: Any) -> None:
     serve(cfg, host, port)
 
 
-def entry() -> None:
-    """The console script: every RunnerError that escaped becomes a message, never a traceback."""
+def entry(early_stop: threading.Event | None = None) -> None:
+    """The console script: every RunnerError that escaped becomes a message, never a traceback.
+    `early_stop` is set by a signal that came before the commands could handle it."""
+    global _early_stop
+    _early_stop = early_stop
     try:
         main()
     except RunnerError as exc:

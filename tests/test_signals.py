@@ -87,6 +87,47 @@ def test_a_stop_signal_records_the_batches_in_flight_and_exits_4(tmp_path, sig):
         assert set(sends) == set(rows) and set(sends.values()) == {1}
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler of its own for sig (Linux: SigCgt in /proc)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except FileNotFoundError:
+        pass
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_during_start_up_is_a_clean_exit_with_nothing_sent(tmp_path, sig):
+    # The signal lands while click and the pipeline are still being imported. Python catches
+    # SIGINT from its first instant, SIGTERM only once ximrun does: that says it is listening.
+    make_images(tmp_path / "imgs", 6)
+    with Sandbox(SandboxSettings(token=TOKEN, seed=5)) as sb:
+        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=2,
+                        concurrency=1)
+        child = start(tmp_path, "run", str(job), "--json")
+        wait_for(lambda: catches(child.proc.pid, signal.SIGTERM), "a signal handler", child)
+        child.proc.send_signal(sig)
+        assert child.wait() == 4, child.output()
+        assert "Traceback" not in child.stderr
+        assert "a stop signal came while starting" in child.stderr
+        assert json.loads(child.stdout)["status"] == "interrupted"
+        assert sb.ledger() == []
+
+        other = start(tmp_path, "status", str(job), tag="status")
+        wait_for(lambda: catches(other.proc.pid, signal.SIGTERM), "a signal handler", other)
+        other.proc.send_signal(sig)
+        assert other.wait() == 130, other.output()
+        assert "Traceback" not in other.stderr
+
+        res = invoke("run", str(job))
+        assert res.exit_code == 0, res.output
+        assert len(sb.ledger()) == 6
+
+
 def test_a_second_sigint_leaves_at_once(tmp_path):
     make_images(tmp_path / "imgs", 8)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=8000)) as sb:
