@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -42,6 +41,7 @@ from runner.store import (
     Classified,
     Listed,
     Store,
+    compact_json,
     iter_chunks,
 )
 
@@ -671,7 +671,7 @@ class _Run:
                 late = copies[len(a.followers):]
                 o = a.outcome
                 if o.ok and late:
-                    result = json.dumps(o.record, separators=(",", ":"))
+                    result = compact_json(o.record)
                     late_reused += [(it, h, a.item.key, result) for it in late]
                 else:
                     late_failed += [(it, f"same bytes as {a.item.key}: {o.reason}")
