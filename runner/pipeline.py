@@ -27,7 +27,7 @@ from typing import Any
 from runner import sources
 from runner.client import ApiClient, AttemptFn
 from runner.errors import AuthError, LockedError, ReadError, SourceError
-from runner.job import ImagePolicy, Job
+from runner.job import ImagePolicy, Job, is_url
 from runner.records import Item, PreparedImage, RecordOutcome, RequestRecord
 from runner.store import (
     CHANGED,
@@ -390,9 +390,12 @@ class _Run:
         bs = job.api.batch_size
         # Preparation takes a batch's worth of images per task: one hand-over (and one remote
         # fetch of them all) instead of one per image. A thread per core: decoders release the
-        # GIL, and more threads than that only fight over it for the Python around them.
-        prep_workers = max(2, os.cpu_count() or 2)
-        prep_window = max(2 * prep_workers * bs, bs * job.api.concurrency)
+        # GIL, and more threads than that only fight over it for the Python around them. Objects
+        # in remote storage are waited for, not computed: four times as many tasks then, so
+        # that enough fetches are in flight to keep up with the API.
+        cores = max(2, os.cpu_count() or 2)
+        prep_workers = cores * (4 if _remote(job) else 1)
+        prep_window = max(2 * cores * bs, bs * job.api.concurrency)
         # The client lets `concurrency` requests be in flight. A few more sender threads than
         # that let a request's thread commit its answers while another thread's request already
         # uses its slot: committing never holds a slot of the API's concurrency.
@@ -677,6 +680,13 @@ class _Run:
                     late_failed += [(it, f"same bytes as {a.item.key}: {o.reason}")
                                     for it in late]
         return late_reused, late_failed
+
+
+def _remote(job: Job) -> bool:
+    """Whether images may come from remote storage (a URL root, or a manifest's rows)."""
+    src = job.source
+    return bool(src.manifest) or any(is_url(p) and not p.startswith("file://")
+                                     for p in src.paths)
 
 
 def _take_finished(finished: queue.SimpleQueue[Future[Any]], timeout: float) -> list[Future[Any]]:
