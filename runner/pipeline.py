@@ -128,11 +128,6 @@ class Refused:
     read_failed: bool  # True: the bytes could not be read (failed); False: the policy (rejected)
 
 
-def prepare_item(job: Job, item: Item) -> Ready | Refused:
-    """Read, check and convert one image; never raises for a bad image or a vanished object."""
-    return prepare_items(job, [item])[0]
-
-
 def prepare_items(job: Job, items: Sequence[Item]) -> list[Ready | Refused]:
     """Read, check and convert images, in order; never raises for a bad image or a vanished
     object. Objects in remote storage are fetched at the same time."""
