@@ -28,6 +28,7 @@ from urllib3.exceptions import (
     NewConnectionError,
     ProtocolError,
     ProxyError,
+    SSLError,
 )
 from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import TimeoutError as TransportTimeout
@@ -572,6 +573,8 @@ def _transport_error(exc: TransportError, timeout: tuple[float, float]) -> str:
                             BrokenPipeError)) or "Connection aborted" in str(exc):
             return "connection dropped"
         return f"connection failed ({_short(str(exc), 160)})"
+    if isinstance(exc, SSLError):
+        return f"TLS failed ({_short(str(exc), 160)})"
     if isinstance(exc, DecodeError):
         return "the answer could not be decompressed"
     return f"{type(exc).__name__}: {_short(str(exc), 160)}"

@@ -6,17 +6,20 @@ import base64
 import contextlib
 import http.server
 import io
+import ipaddress
 import json
 import logging
 import random
 import re
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -476,7 +479,8 @@ Reply = tuple[int, dict[str, str], bytes]
 
 
 @contextlib.contextmanager
-def fake_api(answer: Callable[[dict[str, Any] | None, str], Reply | None]) -> Iterator[str]:
+def fake_api(answer: Callable[[dict[str, Any] | None, str], Reply | None],
+             tls: ssl.SSLContext | None = None) -> Iterator[str]:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, like the real API
 
@@ -503,14 +507,17 @@ def fake_api(answer: Callable[[dict[str, Any] | None, str], Reply | None]) -> It
         def log_message(self, *args: Any) -> None:
             pass
 
-    with serving(Handler) as port:
-        yield f"http://127.0.0.1:{port}/"
+    with serving(Handler, tls) as port:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}/"
 
 
 @contextlib.contextmanager
-def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
-    """A threaded HTTP server on a free loopback port; yields the port."""
+def serving(handler: type[http.server.BaseHTTPRequestHandler],
+            tls: ssl.SSLContext | None = None) -> Iterator[int]:
+    """A threaded HTTP(S) server on a free loopback port; yields the port."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
@@ -733,3 +740,48 @@ def test_a_proxy_of_a_scheme_the_client_cannot_speak_is_refused_by_name(monkeypa
     monkeypatch.setenv("https_proxy", "socks5://127.0.0.1:1080")
     with pytest.raises(JobError, match="socks5"):
         ApiClient("https://api.example.com/v2/tag", TOKEN, ApiConfig())
+
+
+def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that is its own authority, and its key (PEM files)."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / f"{name}.pem", folder / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_https_is_verified_against_the_ca_bundle_the_environment_names(tmp_path, monkeypatch):
+    cert, key = self_signed(tmp_path, "api")
+    stranger, _ = self_signed(tmp_path, "stranger")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+
+    def answer(body, _):
+        return ok_json([{"_id": r["_id"], "_status": {"code": 200}} for r in body["records"]])
+
+    with fake_api(answer, tls) as url:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+        assert all(o.ok for o in fake_client(url).submit_batch(records(2)))
+        # A server whose certificate the bundle does not vouch for gets no image.
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(stranger))
+        out = fake_client(url, max_retries=1).submit_batch(records(1))
+    assert out[0].reason.startswith("TLS failed") and "certificate verify failed" in out[0].reason
+    assert out[0].final and out[0].attempts == 2
