@@ -206,7 +206,8 @@ class ApiClient:
 
     def __init__(self, endpoint_url: str, token: str, api: ApiConfig, *,
                  fields: Mapping[str, Any] | None = None, stop: threading.Event | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, direct: bool = False) -> None:
+        """`direct`: no proxy, whatever the environment says (the embedded emulator)."""
         self.endpoint_url = endpoint_url
         parts = urlsplit(endpoint_url)
         self.base_url = f"{parts.scheme}://{parts.netloc}/"
@@ -220,7 +221,8 @@ class ApiClient:
         self._headers = {"Authorization": f"Token {token}", "Content-Type": "application/json",
                          "Accept": "application/json", "Accept-Encoding": "gzip, deflate",
                          "User-Agent": f"ximrun/{__version__}"}
-        self._http = _pool_manager(endpoint_url, max(1, api.concurrency), self._timeout)
+        self._http = _pool_manager(endpoint_url, max(1, api.concurrency), self._timeout,
+                                   None if direct else environ_proxy(endpoint_url))
 
     def __repr__(self) -> str:  # the token stays out of reprs and tracebacks
         return f"ApiClient({self.endpoint_url!r})"
@@ -580,11 +582,10 @@ def _transport_error(exc: TransportError, timeout: tuple[float, float]) -> str:
     return f"{type(exc).__name__}: {_short(str(exc), 160)}"
 
 
-def _pool_manager(endpoint_url: str, size: int,
-                  timeout: tuple[float, float]) -> urllib3.PoolManager:
-    """Connections to the endpoint, shared by every thread: through the proxy the environment
-    names for it (HTTP(S)_PROXY, ALL_PROXY, minus NO_PROXY), read once, with the CA bundle
-    REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE names, else certifi's, else the system's."""
+def _pool_manager(endpoint_url: str, size: int, timeout: tuple[float, float],
+                  proxy: str | None) -> urllib3.PoolManager:
+    """Connections to the endpoint, shared by every thread, through `proxy` if any, with the CA
+    bundle REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE names, else certifi's, else the system's."""
     kw: dict[str, Any] = {
         # `size` requests at once, and room for the account's GET beside them.
         "num_pools": 4, "maxsize": size + 2, "block": False, "retries": False,
@@ -600,7 +601,6 @@ def _pool_manager(endpoint_url: str, size: int,
             ca = certifi.where()
     if ca:
         kw["ca_certs" if os.path.isfile(ca) else "ca_cert_dir"] = ca
-    proxy = environ_proxy(endpoint_url)
     if proxy is None:
         return urllib3.PoolManager(**kw)
     parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
@@ -620,7 +620,8 @@ def _pool_manager(endpoint_url: str, size: int,
 
 
 def environ_proxy(url: str) -> str | None:
-    """The proxy URL the environment names for `url`, or None (NO_PROXY matches, or none set)."""
+    """The proxy URL the environment names for `url` (HTTP(S)_PROXY, ALL_PROXY), or None (none
+    set, or NO_PROXY matches); read once per client."""
     proxies = urllib.request.getproxies_environment()
     parts = urlsplit(url)
     host = parts.hostname or ""

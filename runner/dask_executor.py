@@ -77,7 +77,8 @@ def _worker_client(w: WorkerJob) -> ApiClient:
         if client is None:
             assert w.job.token is not None  # run_job puts the token actually used into the job
             api = replace(w.job.api, concurrency=w.concurrency)
-            client = _clients[w.run_key] = ApiClient(w.endpoint_url, w.job.token, api)
+            client = _clients[w.run_key] = ApiClient(w.endpoint_url, w.job.token, api,
+                                                     direct=w.job.uses_sandbox)
             for key in list(_clients)[:-_KEEP_CLIENTS]:
                 _clients.pop(key).close()
         return client

@@ -716,7 +716,8 @@ def run_job(job: Job, options: RunOptions | None = None, *, stop: threading.Even
         run_class = DaskRun
     with run_lock(job.db_path), Store(job.db_path) as store, \
             api_endpoint(job) as (endpoint_url, token):
-        client = ApiClient(endpoint_url, token, job.api, stop=stop)
+        # The embedded emulator is in this process: never through a proxy.
+        client = ApiClient(endpoint_url, token, job.api, stop=stop, direct=job.uses_sandbox)
         if run_class is not _Run:
             job = replace(job, token=token)  # workers use the same token (the sandbox's, too)
         try:

@@ -270,11 +270,15 @@ def test_check_prints_a_verdict_per_file(sample_data):
             assert v["action"] in ("accept", "convert"), v
 
 
-def test_demo_job_runs_against_the_embedded_sandbox(tmp_path, sample_data):
+def test_demo_job_runs_against_the_embedded_sandbox_even_with_a_proxy_set(tmp_path, sample_data):
+    # The emulator lives in the run's own process: a proxy the environment names (here one
+    # that does not exist) is not for it.
     job = tmp_path / "demo.toml"
     job.write_text(f'name = "demo"\n[source]\npaths = ["{sample_data}"]\nexclude = ["*.md"]\n'
                    '[api]\nendpoint = "sandbox"\n[state]\ndb = "demo.db"\n')
-    res = invoke("run", str(job), env={"XIMILAR_TOKEN": ""})
+    dead = "http://127.0.0.1:9"
+    res = invoke("run", str(job), env={"XIMILAR_TOKEN": "", "http_proxy": dead, "HTTP_PROXY": dead,
+                                       "no_proxy": None, "NO_PROXY": None})
     assert res.exit_code == 0, res.output
     assert "finished" in res.output
 
