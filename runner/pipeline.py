@@ -57,6 +57,8 @@ LIST_CHUNK = 5000
 PLAN_CHUNK = 500  # plan reads, it does not write: its chunks only pace its progress
 CLASSIFY_AHEAD = 2  # chunks listed while earlier ones are being classified
 SNIFF_BYTES = 64 * 1024  # enough of a file to recognise its format from the header
+FETCH_BYTES = 16 * 2**20  # remote bytes a preparation task fetches at once, at most (but one)
+FETCH_UNKNOWN_SIZE = 2**20  # what an object of unknown size counts for
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ class Refused:
 
 def prepare_items(job: Job, items: Sequence[Item]) -> list[Ready | Refused]:
     """Read, check and convert images, in order; never raises for a bad image or a vanished
-    object. Objects in remote storage are fetched at the same time."""
+    object. Objects in remote storage are fetched several at a time."""
     policy = job.images
     out: list[Ready | Refused | None] = [None] * len(items)
     to_read: list[int] = []
@@ -142,13 +144,35 @@ def prepare_items(job: Job, items: Sequence[Item]) -> list[Ready | Refused]:
                 out[i] = Refused(item, str(exc), read_failed=True)
         if out[i] is None:
             to_read.append(i)
-    data = sources.read_many([items[i] for i in to_read], job.source)
-    for i, got in zip(to_read, data, strict=True):
-        if isinstance(got, ReadError):
-            out[i] = Refused(items[i], str(got), read_failed=True)
-        else:
-            out[i] = _from_bytes(items[i], got, policy)
+    for group in _fetch_groups(items, to_read):
+        data = sources.read_many([items[i] for i in group], job.source)
+        for i, got in zip(group, data, strict=True):
+            if isinstance(got, ReadError):
+                out[i] = Refused(items[i], str(got), read_failed=True)
+            else:
+                out[i] = _from_bytes(items[i], got, policy)
     return out  # type: ignore[return-value]
+
+
+def _fetch_groups(items: Sequence[Item], indexes: Sequence[int]) -> Iterator[list[int]]:
+    """The images read together: a local file alone (read, prepared, let go, then the next);
+    remote objects together up to FETCH_BYTES, so that a task of large photos does not hold
+    them all at once."""
+    group: list[int] = []
+    total = 0
+    for i in indexes:
+        item = items[i]
+        if item.uri.startswith("/"):
+            yield [i]
+            continue
+        size = item.size if item.size is not None else FETCH_UNKNOWN_SIZE
+        if group and total + size > FETCH_BYTES:
+            yield group
+            group, total = [], 0
+        group.append(i)
+        total += size
+    if group:
+        yield group
 
 
 def _by_url(job: Job, item: Item) -> Ready | Refused | None:
