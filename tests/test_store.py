@@ -193,6 +193,35 @@ def test_a_failing_write_in_a_group_fails_alone(tmp_path):
         assert [u["keys"] for u in s.unanswered("j")] == [["b"]]
 
 
+def test_a_group_commits_in_one_transaction_and_again_write_by_write_when_one_fails(
+        tmp_path):
+    def bad(c):
+        c.execute("INSERT INTO items (job, key) VALUES ('j', 'a')")  # a duplicate key
+
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item("a"), item("b"), item("c")], run)
+        with s.writer():
+            writer = s._writer
+            assert writer is not None
+            for group, failing in (([0, 1], False), ([2, "bad", 3], True)):
+                before = s.stats.transactions
+                with s._lock:  # the writer thread waits, so the writes queue up as one group
+                    ops = [writer.enqueue(bad if k == "bad" else
+                                          s._attempt_row("j", run, k, 1, [f"k{k}"]))
+                           for k in group]
+                for k, op in zip(group, ops, strict=True):
+                    if k == "bad":
+                        with pytest.raises(sqlite3.IntegrityError):
+                            op.wait()
+                    else:
+                        op.wait()
+                # Together at first; again, a savepoint each, only when one of them failed.
+                assert s.stats.transactions - before == (2 if failing else 1)
+        assert s.run_row(run)["requests"] == 4
+        assert sorted(u["batch"] for u in s.unanswered("j")) == [0, 1, 2, 3]
+
+
 def test_the_listing_returns_only_what_must_happen(tmp_path):
     with Store(tmp_path / "s.db") as s:
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
