@@ -69,8 +69,9 @@ def main(ctx: click.Context) -> None:
 def _default_signals() -> None:
     """Commands other than `run` stop at once on SIGINT or SIGTERM, as they did before start-up
     caught the signals; one that came during start-up ends the command now."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if threading.current_thread() is threading.main_thread():  # signal.signal's own rule
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if _early_stop is not None and _early_stop.is_set():
         click.echo("ximrun: interrupted", err=True)
         sys.exit(130)
