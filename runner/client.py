@@ -558,8 +558,7 @@ def _text_of_body(resp: urllib3.BaseHTTPResponse) -> str:
 
 
 def _transport_error(exc: TransportError, timeout: tuple[float, float]) -> str:
-    if isinstance(exc, NewConnectionError) or (
-            isinstance(exc, ProxyError) and not isinstance(exc, TransportTimeout)):
+    if isinstance(exc, (NewConnectionError, ProxyError)):  # the API or the proxy unreachable
         return f"connection failed ({_short(str(exc), 160)})"
     if isinstance(exc, ConnectTimeoutError):
         return f"connect timeout after {timeout[0]:g}s"
