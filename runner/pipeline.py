@@ -162,7 +162,7 @@ def _fetch_groups(items: Sequence[Item], indexes: Sequence[int]) -> Iterator[lis
     total = 0
     for i in indexes:
         item = items[i]
-        if item.uri.startswith("/"):
+        if sources.is_local(item):
             yield [i]
             continue
         size = item.size if item.size is not None else FETCH_UNKNOWN_SIZE

@@ -121,12 +121,17 @@ def check_manifest(source: SourceConfig) -> None:
     raise SourceError(f"{source.manifest}: {'; '.join(parts)}{more}")
 
 
+def is_local(item: Item) -> bool:
+    """Whether the item is a local file, read with open() rather than through fsspec."""
+    return item.uri.startswith("/")
+
+
 def read_bytes(item: Item, source: SourceConfig, max_bytes: int | None = None) -> bytes:
     """The item's bytes (or only the first max_bytes); ReadError "not_found: ...", "access_denied:
     ..." or "read_error: ..." when they cannot be had. Safe to call from many threads at once."""
     uri = item.uri
     try:
-        if uri.startswith("/"):
+        if is_local(item):
             # A local absolute path: plain open() costs a third of fsspec's path handling.
             with open(uri, "rb") as fh:
                 return fh.read() if max_bytes is None else fh.read(max_bytes)
@@ -144,7 +149,7 @@ def read_many(items: Sequence[Item], source: SourceConfig) -> list[bytes | ReadE
     out: list[bytes | ReadError | None] = [None] * len(items)
     remote: dict[int, tuple[AbstractFileSystem, list[tuple[int, str]]]] = {}
     for i, item in enumerate(items):
-        if not item.uri.startswith("/"):
+        if not is_local(item):
             try:
                 fs, path = _fs_for(item.uri, source)
             except Exception as exc:

@@ -283,6 +283,17 @@ def test_demo_job_runs_against_the_embedded_sandbox_even_with_a_proxy_set(tmp_pa
     assert "finished" in res.output
 
 
+def test_a_proxy_the_client_cannot_speak_is_refused_before_anything_is_sent(tmp_path, sandbox,
+                                                                           folder):
+    job = write_job(tmp_path, sandbox, folder)
+    socks = "socks5://127.0.0.1:1080"
+    res = invoke("run", str(job), env={"all_proxy": socks, "ALL_PROXY": socks, "no_proxy": None,
+                                       "NO_PROXY": None, "http_proxy": None, "HTTP_PROXY": None})
+    assert res.exit_code == 2, res.output
+    assert "socks5" in res.output and "Traceback" not in res.output
+    assert sandbox.ledger() == []
+
+
 def test_touched_file_with_the_same_bytes_is_not_paid_again(tmp_path, sandbox, folder):
     job = write_job(tmp_path, sandbox, folder)
     assert invoke("run", str(job)).exit_code == 0
