@@ -138,8 +138,8 @@ def _report(workers: int, concurrency: int, n: int, r: dict[str, Any]) -> None:
 
 def _child(warm_up: str, job_file: str) -> dict[str, Any]:
     """Run the warm-up job (the workers import and connect), then the measured one."""
+    from runner.executors import run_job
     from runner.job import load_job
-    from runner.pipeline import run_job
 
     run_job(load_job(warm_up))
     job = load_job(job_file)

@@ -120,8 +120,9 @@ def _marks(samples: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
 
 
 def _child(job_path: Path) -> dict[str, Any]:
+    from runner.executors import run_job
     from runner.job import load_job
-    from runner.pipeline import Summary, run_job
+    from runner.summary import Summary
 
     job = load_job(job_path)
     settled = 0

@@ -143,58 +143,32 @@ class Measured:
 
 
 def _measured_run(tmp: Path, name: str, images: Path, endpoint: str, concurrency: int) -> Measured:
+    from runner.executors import run_job
     from runner.job import load_job
-    from runner.pipeline import run_job
+    from runner.store import Store
 
     job = load_job(write_job(tmp, name=name, images=images, endpoint=endpoint,
                              concurrency=concurrency, batch_size=BATCH, db=f"{name}.db"))
     m = Measured()
-    with _store_stats(m), _timed_preparation(m):
+    with Store(job.db_path) as store, _timed_preparation(m):
         cpu = cpu_seconds()
         started = time.perf_counter()
-        summary = run_job(job)
+        summary = run_job(job, store=store)  # its commit statistics are read below
         m.wall = time.perf_counter() - started
         m.cpu = cpu_seconds() - cpu
+    st = store.stats
+    m.write_s, m.write_cpu_s, m.read_s = st.write_s, st.write_cpu_s, st.read_s
+    m.transactions, m.writes = st.transactions, st.writes
+    m.waits = {name: [calls, seconds] for name, (calls, seconds) in st.waits.items()}
     m.done, m.status, m.requests = summary.done, summary.status, summary.requests
     return m
 
 
 @contextlib.contextmanager
-def _store_stats(m: Measured) -> Iterator[None]:
-    """Collect the stats of every Store opened meanwhile (the run opens one)."""
-    from runner.store import Store
-
-    stores: list[Store] = []
-    original = Store.__init__
-
-    @functools.wraps(original)
-    def init(self: Store, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        stores.append(self)
-
-    Store.__init__ = init  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        Store.__init__ = original  # type: ignore[method-assign]
-        for store in stores:
-            st = store.stats
-            m.write_s += st.write_s
-            m.write_cpu_s += st.write_cpu_s
-            m.read_s += st.read_s
-            m.transactions += st.transactions
-            m.writes += st.writes
-            for name, (calls, seconds) in st.waits.items():
-                mine = m.waits.setdefault(name, [0, 0.0])
-                mine[0] += calls
-                mine[1] += seconds
-
-
-@contextlib.contextmanager
 def _timed_preparation(m: Measured) -> Iterator[None]:
-    from runner import pipeline
+    from runner.executors import threads
 
-    original = pipeline.prepare_items
+    original = threads.prepare_items
     lock = threading.Lock()
 
     @functools.wraps(original)
@@ -208,11 +182,11 @@ def _timed_preparation(m: Measured) -> Iterator[None]:
                 m.prep_s += spent
                 m.prep_calls += len(items)
 
-    pipeline.prepare_items = timed
+    threads.prepare_items = timed
     try:
         yield
     finally:
-        pipeline.prepare_items = original
+        threads.prepare_items = original
 
 
 def _bare_client(images: Path, n: int, endpoint: str, token: str, concurrency: int) -> float:

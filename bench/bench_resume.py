@@ -106,8 +106,9 @@ def _fill_database(job_path: Path, n: int) -> float:
     """Every listed file as `done` for this job's request and policy, as a finished run leaves it."""
     from runner import sources
     from runner.job import load_job
-    from runner.pipeline import prep_signature
-    from runner.store import Store, iter_chunks, utcnow
+    from runner.prepare import prep_signature
+    from runner.sources import iter_chunks
+    from runner.store import Store, utcnow
 
     started = time.perf_counter()
     job = load_job(job_path)
@@ -115,9 +116,9 @@ def _fill_database(job_path: Path, n: int) -> float:
     result = json.dumps({"_status": {"code": 200, "text": "OK"}}, separators=(",", ":"))
     with Store(job.db_path) as store:
         run_id = store.begin_run(job.name, pid=0, endpoint=job.api.endpoint, budget=0)
-        store.conn.execute("BEGIN")
+        store.db.conn.execute("BEGIN")
         for chunk in iter_chunks(sources.list_items(job.source), INSERT_CHUNK):
-            store.conn.executemany(
+            store.db.conn.executemany(
                 "INSERT INTO items (job, key, uri, size, fingerprint, state, result, credits, "
                 "content_hash, request_sig, prep_sig, sends, listed_run, first_seen, "
                 "updated_at, answered_at) VALUES (?, ?, ?, ?, ?, 'done', ?, 10, ?, ?, ?, 1, ?, "
@@ -125,7 +126,7 @@ def _fill_database(job_path: Path, n: int) -> float:
                 [(job.name, it.key, it.uri, it.size, it.fingerprint, result,
                   hashlib.sha256(it.key.encode()).hexdigest(), request_sig, prep_sig, run_id,
                   now, now, now) for it in chunk])
-        store.conn.execute("COMMIT")
+        store.db.conn.execute("COMMIT")
         store.finish_run(run_id, status="finished", exit_code=0)
     return time.perf_counter() - started
 
@@ -142,8 +143,8 @@ def _run_child(what: str, job_path: Path) -> dict[str, Any]:
 def _child(what: str, job_path: Path) -> dict[str, Any]:
     from bench.fixtures import cpu_seconds
     from runner import sources
+    from runner.executors import run_job
     from runner.job import load_job
-    from runner.pipeline import run_job
 
     job = load_job(job_path)
     cpu = cpu_seconds()

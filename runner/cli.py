@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -11,19 +12,15 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import click
 
 from runner import __version__
-from runner.errors import AuthError, JobError, LockedError, RunnerError, SourceError
+from runner.errors import ExitCode, JobError, RunnerError, SourceError
 from runner.job import ImagePolicy, Job, SandboxSettings, load_job, validate_sandbox
 from runner.records import STATES
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED, EXIT_AUTH = 0, 1, 2, 3, 4, 5
-EXIT_LOCKED = 75
 LOG_EVERY_S = float(os.environ.get("XIMRUN_LOG_EVERY_S", "30"))
 
 log = logging.getLogger("ximrun")
@@ -53,7 +50,7 @@ def _load(path: str, *, require_token: bool = True) -> Job:
     try:
         return load_job(path, require_token=require_token)
     except JobError as exc:
-        _fail(f"job file refused: {exc}", EXIT_USAGE)
+        _fail(f"job file refused: {exc}", ExitCode.USAGE)
         raise  # unreachable
 
 
@@ -74,7 +71,7 @@ def _default_signals() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if _early_stop is not None and _early_stop.is_set():
         click.echo("ximrun: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.ABORTED)
 
 
 # --- run / plan --------------------------------------------------------------------------------
@@ -123,7 +120,7 @@ def _install_signals(stop: threading.Event) -> None:
 
     def handler(signum: int, frame: object) -> None:
         if stop.is_set():
-            os._exit(130)  # the crash guarantees apply: committed batches are safe
+            os._exit(ExitCode.ABORTED)  # the crash guarantees apply: committed batches are safe
         stop.set()
         click.echo(f"\nximrun: {signal.Signals(signum).name} received: finishing the requests in "
                    "flight, then stopping (again to quit at once)", err=True)
@@ -190,23 +187,15 @@ def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_
     if dask_address:
         job = dataclasses.replace(
             job, executor=dataclasses.replace(job.executor, kind="dask", address=dask_address))
-    from runner.pipeline import RunOptions, run_job
+    from runner.executors import run_job
+    from runner.summary import RunOptions
 
     progress = _Progress(enabled=not quiet)
     try:
         summary = run_job(job, RunOptions(limit=limit, budget=budget), stop=stop,
                           progress=progress)
-    except LockedError as exc:
-        _fail(str(exc), EXIT_LOCKED)
-        return
-    except AuthError as exc:
-        _fail(str(exc), EXIT_AUTH)
-        return
-    except JobError as exc:
-        _fail(f"job refused: {exc}", EXIT_USAGE)
-        return
-    except SourceError as exc:
-        _fail(f"source refused: {exc}", EXIT_USAGE)
+    except RunnerError as exc:
+        _fail(_message(exc), exc.exit_code)
         return
     finally:
         progress.close()
@@ -214,14 +203,35 @@ def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_
     sys.exit(summary.exit_code)
 
 
+def _library_errors(f: Any) -> Any:
+    """The library raises; a command turns what it raised into its message and exit code."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except RunnerError as exc:
+            _fail(_message(exc), exc.exit_code)
+
+    return wrapper
+
+
+def _message(exc: RunnerError) -> str:
+    if isinstance(exc, JobError):
+        return f"job refused: {exc}"
+    if isinstance(exc, SourceError):
+        return f"source refused: {exc}"
+    return str(exc)
+
+
 def _plan(job_file: str, as_json: bool) -> None:
     job = _load(job_file, require_token=False)
-    from runner.pipeline import plan_job
+    from runner.plan import plan_job
 
     try:
         s = plan_job(job)
-    except SourceError as exc:
-        _fail(f"source refused: {exc}", EXIT_USAGE)
+    except RunnerError as exc:
+        _fail(_message(exc), exc.exit_code)
         return
     if as_json:
         click.echo(json.dumps(s.as_dict(), indent=2, sort_keys=True))
@@ -253,80 +263,14 @@ def plan(job_file: str, as_json: bool, quiet: bool, verbose: int) -> None:
 
 # --- status / export / retry -------------------------------------------------------------------
 
-def _open_store(job: Job) -> Any:
-    from runner.store import open_readonly
-
-    if not job.db_path.exists():
-        _fail(f"no state database yet at {job.db_path} (nothing has run)", EXIT_FAILED)
-    return open_readonly(job.db_path)
-
-
-def _shown_path(path: Path) -> str:
-    """Relative to the working directory when below it: shorter, and the same on every machine."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def _live_run(latest: list[dict[str, Any]]) -> int | None:
-    """The id of the job's run that is going right now, if its process is alive."""
-    if not latest or latest[0]["status"] != "running" or not latest[0]["pid"]:
-        return None
-    try:
-        os.kill(latest[0]["pid"], 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, another user's
-    return int(latest[0]["id"])
-
-
-def status_report(job: Job) -> dict[str, Any]:
-    """The figures `ximrun status` shows; also usable from Python."""
-    store = _open_store(job)
-    with store:
-        counts = store.counts(job.name)
-        runs = store.recent_runs(job.name, 5)
-        live = _live_run(store.recent_runs(job.name, 1))
-        # The requests of a run still going are in flight, not lost: they are not listed.
-        unanswered = store.unanswered(job.name, running_run=live)
-        resends = store.resend_stats(job.name)
-        spent = store.spent(job.name)
-        saved = sum(r["credits_saved"] or 0 for r in store.recent_runs(job.name, 10_000))
-    last = runs[0] if runs else None
-    account_diff = None
-    if last and last["account_before"] is not None and last["account_after"] is not None:
-        account_diff = last["account_after"] - last["account_before"]
-    report = {
-        "job": job.name,
-        "db": _shown_path(job.db_path),
-        "states": {s: counts[s] for s in STATES},
-        "missing": counts["missing"],
-        "reused": counts["reused"],
-        "credits": {"recorded": spent, "saved_by_reuse": saved,
-                    "last_run_recorded": last["credits"] if last else 0,
-                    "last_run_account_difference": account_diff},
-        "possibly_billed_without_answer": [
-            {"run": u["run"], "batch": u["batch"], "attempt": u["attempt"],
-             "sent_at": u["sent_at"], "keys": u["keys"]} for u in unanswered],
-        "resends": resends,
-        "runs": [{k: r[k] for k in ("id", "started_at", "finished_at", "status", "exit_code",
-                                    "listed", "sent", "done", "failed", "rejected", "reused",
-                                    "requests", "credits", "account_before", "account_after")}
-                 for r in runs],
-    }
-    for r in report["runs"]:
-        if r["status"] == "running" and r["id"] != live:
-            r["status"] = "crashed"  # its process is gone; the next run records it so too
-    return report
-
-
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@_library_errors
 def status(job_file: str, as_json: bool) -> None:
     """Counts per state, credits spent, recent runs; works while a run is going."""
+    from runner.report import status_report
+
     job = _load(job_file, require_token=False)
     r = status_report(job)
     if as_json:
@@ -368,17 +312,6 @@ def status(job_file: str, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
-EXPORT_FIELDS = ("key", "state", "reason", "credits", "reused_from", "content_hash",
-                 "fingerprint", "sends", "missing", "answered_at", "result")
-
-
-def _export_rows(job: Job, state: str | None) -> Iterator[dict[str, Any]]:
-    store = _open_store(job)
-    with store:
-        for row in store.export_rows(job.name, state):
-            yield {k: row[k] for k in EXPORT_FIELDS}
-
-
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
@@ -386,10 +319,13 @@ def _export_rows(job: Job, state: str | None) -> Iterator[dict[str, Any]]:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Write to this file instead of stdout.")
 @click.option("--state", type=click.Choice(list(STATES)), help="Only images in this state.")
+@_library_errors
 def export(job_file: str, fmt: str, output: str | None, state: str | None) -> None:
     """One row per image: key, state, reason, credits, and the API's result."""
+    from runner.report import EXPORT_FIELDS, export_rows
+
     job = _load(job_file, require_token=False)
-    rows = _export_rows(job, state)
+    rows = export_rows(job, state)
     fh = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
     try:
         if fmt == "jsonl":
@@ -409,15 +345,13 @@ def export(job_file: str, fmt: str, output: str | None, state: str | None) -> No
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--reason", help="Only failed images whose reason contains this text.")
+@_library_errors
 def retry(job_file: str, reason: str | None) -> None:
     """Put failed images back to pending; the next `run` sends them again."""
-    from runner.store import Store
+    from runner.report import retry_failed
 
     job = _load(job_file, require_token=False)
-    if not job.db_path.exists():
-        _fail(f"no state database yet at {job.db_path} (nothing has run)", EXIT_FAILED)
-    with Store(job.db_path) as store:
-        n = store.retry_failed(job.name, reason)
+    n = retry_failed(job, reason)
     click.echo(f"ximrun: {n} failed image(s) back to pending; `ximrun run` sends them again")
 
 
@@ -455,7 +389,7 @@ def check(files: tuple[str, ...], job_file: str | None, as_json: bool) -> None:
         else:
             reason = f"  {verdict_d['reason']}" if verdict_d["reason"] else ""
             click.echo(f"{verdict_d['action']:<8}{verdict_d['format'] or '-':<6}{name}{reason}")
-    sys.exit(EXIT_FAILED if any_rejected else EXIT_OK)
+    sys.exit(ExitCode.FAILURES if any_rejected else ExitCode.OK)
 
 
 SANDBOX_HELP = {
@@ -502,7 +436,7 @@ def sandbox(host: str, port: int, **settings: Any) -> None:
     try:
         validate_sandbox(cfg)
     except JobError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        _fail(str(exc), ExitCode.USAGE)
     serve(cfg, host, port)
 
 
@@ -514,7 +448,7 @@ def entry(early_stop: threading.Event | None = None) -> None:
     try:
         main()
     except RunnerError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        _fail(str(exc), exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,42 +1,33 @@
-"""The API's wire protocol: auth, batch requests, retries, per-record outcomes, adaptive limits.
+"""The API's wire protocol (docs/api-protocol.md): auth, batch requests, retries, per-record
+outcomes.
 
-`ApiClient.submit_batch` turns a list of `RequestRecord`s into one `RecordOutcome` per record.
+`ApiClient.submit_batch` turns a list of `RequestRecord`s into one `RecordOutcome` per record; the
+connections, proxies, TLS and the adaptive limit on requests in flight are transport.py's.
 """
 
 from __future__ import annotations
 
 import base64
 import email.utils
-import http.client
 import json
 import logging
-import os
 import random
 import re
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import urllib3
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    DecodeError,
-    NewConnectionError,
-    ProtocolError,
-    ProxyError,
-    SSLError,
-)
 from urllib3.exceptions import HTTPError as TransportError
-from urllib3.exceptions import TimeoutError as TransportTimeout
 
 from runner import __version__
-from runner.errors import AuthError, JobError
+from runner.errors import AuthError, brief
 from runner.job import ApiConfig
 from runner.records import RecordOutcome, RequestRecord
+from runner.transport import AdaptiveLimit, environ_proxy, pool_manager, transport_error
 
 log = logging.getLogger("ximrun.client")
 
@@ -106,76 +97,8 @@ def build_body(records: Sequence[RequestRecord], fields: Mapping[str, Any]) -> b
     return b"".join((head, b'"records":[', b",".join(out), b"]}"))
 
 
-class AdaptiveLimit:
-    """AIMD cap on requests in flight, shared by all worker threads of one client."""
-
-    WINDOW_S = 1.0  # 429s closer together than this are one congestion signal
-    POLL_S = 0.1  # how often a waiter looks at the stop event (it cannot notify our Condition)
-
-    def __init__(self, maximum: int, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if maximum < 1:
-            raise ValueError("maximum must be at least 1")
-        self.maximum = maximum
-        self._limit = maximum
-        self._in_flight = 0
-        self._clean = 0
-        self._last_decrease = float("-inf")
-        self._clock = clock
-        self._cond = threading.Condition()
-
-    @property
-    def limit(self) -> int:
-        with self._cond:
-            return self._limit
-
-    @property
-    def in_flight(self) -> int:
-        with self._cond:
-            return self._in_flight
-
-    def acquire(self, stop: threading.Event | None = None) -> bool:
-        """Block until a slot is free; False (and no slot taken) once `stop` is set."""
-        with self._cond:
-            while True:
-                if stop is not None and stop.is_set():
-                    return False
-                if self._in_flight < self._limit:
-                    self._in_flight += 1
-                    return True
-                self._cond.wait(self.POLL_S if stop is not None else None)
-
-    def release(self) -> None:
-        with self._cond:
-            self._in_flight = max(0, self._in_flight - 1)
-            self._cond.notify()
-
-    def on_throttle(self) -> None:
-        with self._cond:
-            self._clean = 0
-            now = self._clock()
-            if now - self._last_decrease < self.WINDOW_S:
-                return
-            self._last_decrease = now
-            new = max(1, self._limit // 2)
-            if new != self._limit:
-                log.debug("throttled: requests in flight capped at %d (was %d)", new, self._limit)
-                self._limit = new
-
-    def on_success(self) -> None:
-        with self._cond:
-            if self._limit >= self.maximum:
-                self._clean = 0
-                return
-            self._clean += 1
-            if self._clean >= self._limit:
-                self._clean = 0
-                self._limit += 1
-                log.debug("requests in flight capped at %d (was %d)", self._limit, self._limit - 1)
-                self._cond.notify()
-
-
 @dataclass
-class _Batch:
+class _Submission:
     """Book-keeping of one submit_batch call across its requests, retries and bisections."""
 
     on_attempt: AttemptFn | None
@@ -187,7 +110,7 @@ class _Batch:
 
 
 @dataclass(frozen=True)
-class _Answer:
+class _Reply:
     """What one HTTP request came to, before the retry policy looks at it."""
 
     kind: str  # "records" | "retry" | "bisect" | "fail"
@@ -221,7 +144,7 @@ class ApiClient:
         self._headers = {"Authorization": f"Token {token}", "Content-Type": "application/json",
                          "Accept": "application/json", "Accept-Encoding": "gzip, deflate",
                          "User-Agent": f"ximrun/{__version__}"}
-        self._http = _pool_manager(endpoint_url, max(1, api.concurrency), self._timeout,
+        self._http = pool_manager(endpoint_url, max(1, api.concurrency), self._timeout,
                                    None if direct else environ_proxy(endpoint_url))
 
     def __repr__(self) -> str:  # the token stays out of reprs and tracebacks
@@ -240,7 +163,7 @@ class ApiClient:
         for r in records:
             if r.data is None and r.url is None:
                 raise ValueError(f"record {r.id!r} has neither bytes nor a URL")
-        batch = _Batch(on_attempt)
+        batch = _Submission(on_attempt)
         if records:
             self._send(batch, records)
         out = []
@@ -257,7 +180,7 @@ class ApiClient:
         try:
             resp = self._http.urlopen("GET", url, headers=self._headers, redirect=False)
         except TransportError as exc:
-            reason = _transport_error(exc, self._timeout)
+            reason = transport_error(exc, self._timeout)
             log.debug("account details unavailable: %s", self._redact(reason))
             return None
         if resp.status in (401, 403):
@@ -283,12 +206,12 @@ class ApiClient:
 
     # --- the retry policy -----------------------------------------------------------------------
 
-    def _send(self, batch: _Batch, group: list[RequestRecord]) -> None:
+    def _send(self, batch: _Submission, group: list[RequestRecord]) -> None:
         """Settle every record of `group` in batch.outcomes: answered, failed, or stopped."""
         pending = group
         while pending:
             if not self.limit.acquire(self._stop):
-                self._settle_stopped(batch, pending)
+                self._stopped_outcomes(batch, pending)
                 return
             try:
                 answer = self._request(batch, pending)
@@ -300,14 +223,14 @@ class ApiClient:
                 return
             if answer.kind == "fail":
                 for r in pending:
-                    self._settle(batch, r, ok=False, reason=answer.error, status=answer.status)
+                    self._set_outcome(batch, r, ok=False, reason=answer.error, status=answer.status)
                 return
             if answer.kind == "retry":
                 again = pending
                 for r in again:
                     batch.last_error[r.id] = (answer.error, answer.status)
             else:
-                again = self._settle_records(batch, answer)
+                again = self._record_outcomes(batch, answer)
             if not again:
                 return
             if batch.retries >= self.api.max_retries:
@@ -315,20 +238,20 @@ class ApiClient:
                          _retry_reason(batch, again))
                 for r in again:
                     error, status = batch.last_error[r.id]
-                    self._settle(batch, r, ok=False, reason=error, status=status)
+                    self._set_outcome(batch, r, ok=False, reason=error, status=status)
                 return
             batch.retries += 1
             delay = self._delay(batch.retries, answer.retry_after)
             log.debug("%d of %d record(s): %s; retry %d/%d in %.1fs", len(again), len(group),
                      _retry_reason(batch, again), batch.retries, self.api.max_retries, delay)
             if self._pause(delay):
-                self._settle_stopped(batch, again)
+                self._stopped_outcomes(batch, again)
                 return
             pending = again
 
-    def _bisect(self, batch: _Batch, group: list[RequestRecord], answer: _Answer) -> None:
+    def _bisect(self, batch: _Submission, group: list[RequestRecord], answer: _Reply) -> None:
         if len(group) == 1:
-            self._settle(batch, group[0], ok=False, reason=answer.error, status=answer.status,
+            self._set_outcome(batch, group[0], ok=False, reason=answer.error, status=answer.status,
                          too_large=answer.status == 413)
             return
         # A refused batch usually hides one poisonous record; halves find it in log2(n) steps
@@ -339,7 +262,7 @@ class ApiClient:
         self._send(batch, group[:mid])
         self._send(batch, group[mid:])
 
-    def _settle_records(self, batch: _Batch, answer: _Answer) -> list[RequestRecord]:
+    def _record_outcomes(self, batch: _Submission, answer: _Reply) -> list[RequestRecord]:
         """Record each answered record's outcome; return the records to send again."""
         again: list[RequestRecord] = []
         throttled = False
@@ -348,7 +271,7 @@ class ApiClient:
             if code is None:
                 if _has_content(rec, r):
                     # No `_status`, but the service answered with content: trust the HTTP 2xx.
-                    self._settle(batch, r, ok=True, record=_clean(rec), status=answer.status)
+                    self._set_outcome(batch, r, ok=True, record=_clean(rec), status=answer.status)
                 else:
                     batch.last_error[r.id] = ("bad answer: record without status or content",
                                               answer.status)
@@ -356,22 +279,22 @@ class ApiClient:
                 continue
             reason = f"api {code}: {self._redact(text)}" if text else f"api {code}"
             if 200 <= code < 300:
-                self._settle(batch, r, ok=True, record=_clean(rec), status=code)
+                self._set_outcome(batch, r, ok=True, record=_clean(rec), status=code)
             elif _is_retryable(code):
                 throttled = throttled or code == 429
                 batch.last_error[r.id] = (reason, code)
                 again.append(r)
             else:
-                self._settle(batch, r, ok=False, record=_clean(rec), reason=reason, status=code,
+                self._set_outcome(batch, r, ok=False, record=_clean(rec), reason=reason, status=code,
                              too_large=code == 413)
         if throttled:
             self.limit.on_throttle()
         return again
 
-    def _settle(self, batch: _Batch, r: RequestRecord, **kw: Any) -> None:
+    def _set_outcome(self, batch: _Submission, r: RequestRecord, **kw: Any) -> None:
         batch.outcomes[r.id] = RecordOutcome(r.id, **kw)
 
-    def _settle_stopped(self, batch: _Batch, records: Sequence[RequestRecord]) -> None:
+    def _stopped_outcomes(self, batch: _Submission, records: Sequence[RequestRecord]) -> None:
         for r in records:
             batch.outcomes[r.id] = RecordOutcome(r.id, ok=False, reason=STOPPED, final=False)
 
@@ -393,7 +316,7 @@ class ApiClient:
 
     # --- one HTTP request -----------------------------------------------------------------------
 
-    def _request(self, batch: _Batch, group: list[RequestRecord]) -> _Answer:
+    def _request(self, batch: _Submission, group: list[RequestRecord]) -> _Reply:
         batch.requests += 1
         for r in group:
             batch.attempts[r.id] = batch.attempts.get(r.id, 0) + 1
@@ -407,11 +330,11 @@ class ApiClient:
         except TransportError as exc:
             # urllib3 already replaces a pooled connection found dead before sending; what reaches
             # here may have been sent and billed, so it counts as an attempt like any other.
-            return _Answer("retry", error=self._redact(_transport_error(exc, self._timeout)))
+            return _Reply("retry", error=self._redact(transport_error(exc, self._timeout)))
         return self._read_answer(resp, group)
 
     def _read_answer(self, resp: urllib3.BaseHTTPResponse, group: list[RequestRecord]
-                     ) -> _Answer:
+                     ) -> _Reply:
         code = resp.status
         if code in (401, 403):
             raise AuthError(self._auth_message(resp))
@@ -423,16 +346,16 @@ class ApiClient:
         if 200 <= code < 300 and isinstance(body, dict) and isinstance(body.get("records"), list):
             matched = _match(group, body["records"])
             if matched is None:
-                return _Answer("retry", status=code, error=(
+                return _Reply("retry", status=code, error=(
                     f"bad answer: {len(body['records'])} records for {len(group)} sent"))
             self.limit.on_success()
-            return _Answer("records", status=code, records=matched)
+            return _Reply("records", status=code, records=matched)
         if 200 <= code < 300:
             # Some answers carry the error in the body's own `status`; otherwise it is garbage.
             inner = _body_status(body)
             if inner is None or 200 <= inner < 300:
                 what = "no records" if isinstance(body, dict) else "not JSON"
-                return _Answer("retry", status=code, error=f"bad answer: http {code} with {what}")
+                return _Reply("retry", status=code, error=f"bad answer: http {code} with {what}")
             if inner in (401, 403):
                 raise AuthError(self._auth_message(resp, inner))
             code = inner
@@ -443,12 +366,12 @@ class ApiClient:
         if code == 429:
             self.limit.on_throttle()
         if _is_retryable(code):
-            return _Answer("retry", status=code, error=error,
+            return _Reply("retry", status=code, error=error,
                            retry_after=parse_retry_after(resp.headers.get("Retry-After")))
         if code in BISECT_HTTP:
-            return _Answer("bisect", status=code,
+            return _Reply("bisect", status=code,
                            error=f"api {code}: {self._redact(_detail(resp, body))}")
-        return _Answer("fail", status=code, error=error)
+        return _Reply("fail", status=code, error=error)
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -531,21 +454,16 @@ def _detail(resp: urllib3.BaseHTTPResponse, body: Any) -> str:
     if isinstance(body, dict):
         for key in ("detail", "message", "error"):
             if body.get(key):
-                return _short(str(body[key]))
+                return brief(str(body[key]))
         status = body.get("status")
         if isinstance(status, Mapping) and status.get("text"):
-            return _short(str(status["text"]))
+            return brief(str(status["text"]))
     text = _text_of_body(resp)
     title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
     if title:
         text = title.group(1)
     text = re.sub(r"<[^>]+>", " ", text)
-    return _short(text) or (resp.reason or "no detail")
-
-
-def _short(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return brief(text) or (resp.reason or "no detail")
 
 
 def _text_of_body(resp: urllib3.BaseHTTPResponse) -> str:
@@ -557,95 +475,7 @@ def _text_of_body(resp: urllib3.BaseHTTPResponse) -> str:
         return resp.data.decode("utf-8", errors="replace")
 
 
-def _transport_error(exc: TransportError, timeout: tuple[float, float]) -> str:
-    if isinstance(exc, (NewConnectionError, ProxyError)):  # the API or the proxy unreachable
-        return f"connection failed ({_short(str(exc), 160)})"
-    if isinstance(exc, ConnectTimeoutError):
-        return f"connect timeout after {timeout[0]:g}s"
-    if isinstance(exc, TransportTimeout):
-        return f"timeout after {timeout[1]:g}s"
-    if isinstance(exc, ProtocolError):
-        # urllib3 says "Connection broken" once the answer has begun, "aborted" before.
-        if str(exc).startswith("Connection broken") or _caused_by(exc, (
-                http.client.IncompleteRead, urllib3.exceptions.IncompleteRead,
-                urllib3.exceptions.InvalidChunkLength)):
-            return "connection dropped while reading the answer"
-        if _caused_by(exc, (http.client.RemoteDisconnected, ConnectionResetError,
-                            BrokenPipeError)) or "Connection aborted" in str(exc):
-            return "connection dropped"
-        return f"connection failed ({_short(str(exc), 160)})"
-    if isinstance(exc, SSLError):
-        return f"TLS failed ({_short(str(exc), 160)})"
-    if isinstance(exc, DecodeError):
-        return "the answer could not be decompressed"
-    return f"{type(exc).__name__}: {_short(str(exc), 160)}"
-
-
-def _pool_manager(endpoint_url: str, size: int, timeout: tuple[float, float],
-                  proxy: str | None) -> urllib3.PoolManager:
-    """Connections to the endpoint, shared by every thread, through `proxy` if any, with the CA
-    bundle REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE names, else certifi's, else the system's."""
-    kw: dict[str, Any] = {
-        # `size` requests at once, and room for the account's GET beside them.
-        "num_pools": 4, "maxsize": size + 2, "block": False, "retries": False,
-        "timeout": urllib3.Timeout(connect=timeout[0], read=timeout[1]),
-    }
-    ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if not ca:
-        try:
-            import certifi
-        except ImportError:
-            ca = None  # the system's store, as the ssl module finds it
-        else:
-            ca = certifi.where()
-    if ca:
-        kw["ca_certs" if os.path.isfile(ca) else "ca_cert_dir"] = ca
-    if proxy is None:
-        return urllib3.PoolManager(**kw)
-    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    if parts.scheme not in ("http", "https"):
-        raise JobError(f"the proxy for {endpoint_url} is {parts.scheme}://...: ximrun speaks "
-                       "to http:// and https:// proxies only (see HTTPS_PROXY, ALL_PROXY)")
-    headers = None
-    if parts.username is not None:
-        auth = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        headers = urllib3.make_headers(proxy_basic_auth=auth)
-    netloc = parts.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib3.ProxyManager(f"{parts.scheme}://{netloc}", proxy_headers=headers, **kw)
-
-
-def environ_proxy(url: str) -> str | None:
-    """The proxy URL the environment names for `url` (HTTP(S)_PROXY, ALL_PROXY), or None (none
-    set, or NO_PROXY matches); read once per client."""
-    proxies = urllib.request.getproxies_environment()
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if not proxies or not host:
-        return None
-    # NO_PROXY entries may name a host or a host:port.
-    if urllib.request.proxy_bypass_environment(host, proxies) or (
-            parts.port and urllib.request.proxy_bypass_environment(f"{host}:{parts.port}",
-                                                                   proxies)):
-        return None
-    return proxies.get(parts.scheme) or proxies.get("all") or None
-
-
-def _caused_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
-    seen = 0
-    cur: BaseException | None = exc
-    while cur is not None and seen < 10:
-        if isinstance(cur, kinds) or any(isinstance(a, kinds) for a in getattr(cur, "args", ())):
-            return True
-        cur = cur.__cause__ or cur.__context__
-        seen += 1
-    return False
-
-
-def _retry_reason(batch: _Batch, records: Sequence[RequestRecord]) -> str:
+def _retry_reason(batch: _Submission, records: Sequence[RequestRecord]) -> str:
     return batch.last_error[records[0].id][0] if records else ""
 
 

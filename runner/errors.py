@@ -1,12 +1,35 @@
-"""The one exception family of ximrun; only cli.py turns these into exit codes and messages."""
+"""The one exception family of ximrun, and the exit codes the command line maps it to.
+
+Library functions raise these and never exit the process; only `cli.py` turns them into messages
+and `ExitCode`s (docs/contract.md, "Exit codes of run").
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Every exit code of `ximrun`, in one place (the contract's table)."""
+
+    OK = 0  # every listed image is done or rejected
+    FAILURES = 1  # finished, but some images failed after their retries
+    USAGE = 2  # usage, job-file or source error; nothing was sent
+    STOPPED = 3  # stopped early by the budget or --limit; the next run continues
+    INTERRUPTED = 4  # SIGINT/SIGTERM after a clean checkpoint; the next run continues
+    AUTH = 5  # the API refused the token; nothing more was sent
+    LOCKED = 75  # another run of the same state database is in progress
+    ABORTED = 130  # a second Ctrl-C, or a signal while a command other than run started
 
 
 class RunnerError(Exception):
     """Base of every error ximrun raises on purpose."""
 
+    exit_code = ExitCode.USAGE
+
 
 class JobError(RunnerError):
-    """The job file or the command line is wrong; nothing was listed or sent (exit 2)."""
+    """The job file or the command line is wrong; nothing was listed or sent."""
 
 
 class SourceError(RunnerError):
@@ -14,25 +37,34 @@ class SourceError(RunnerError):
 
 
 class AuthError(RunnerError):
-    """The API refused the token (401/403); nothing more may be sent (exit 5)."""
+    """The API refused the token (401/403); nothing more may be sent."""
+
+    exit_code = ExitCode.AUTH
 
 
 class LockedError(RunnerError):
-    """Another run holds the state database (exit 75)."""
+    """Another run holds the state database."""
+
+    exit_code = ExitCode.LOCKED
 
     def __init__(self, message: str, pid: int | None = None) -> None:
         super().__init__(message)
         self.pid = pid
 
 
-class ApiError(RunnerError):
-    """A request failed for good (retries ran out or the API refused it)."""
+class StateError(RunnerError):
+    """The state database is not there (nothing has run yet) or cannot be used."""
 
-    def __init__(self, message: str, status: int | None = None, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retryable = retryable
+    exit_code = ExitCode.FAILURES
 
 
 class ReadError(RunnerError):
     """One image's bytes could not be read (deleted since listing, access denied, ...)."""
+
+
+def brief(what: BaseException | str, limit: int = 200) -> str:
+    """An error (or any text) on one line, at most `limit` characters, for a reason or a log."""
+    text = " ".join(str(what).split())
+    if not text and isinstance(what, BaseException):
+        text = type(what).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -28,7 +28,7 @@ if "AVIF" not in Image.OPEN and hasattr(pillow_heif, "register_avif_opener"):
 
 SNIFF_BYTES = 4096  # how much of a file sniff_format needs to see
 
-ACCEPTED = ("jpeg", "png", "webp", "bmp", "tiff", "heic")  # sent as they are (PRODUCT.md)
+ACCEPTED = ("jpeg", "png", "webp", "bmp", "tiff", "heic")  # sent as they are (docs/contract.md)
 JPEG_QUALITY = 90
 
 # ISO-BMFF brands (ftyp box). Coding brands name the codec; structural brands only say "HEIF".

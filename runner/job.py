@@ -19,7 +19,7 @@ from runner.errors import JobError
 
 SANDBOX = "sandbox"
 TRANSCODABLE = ("avif", "heif", "jp2", "psd")
-# Services that take fewer than 10 records per request (XIMILAR_API.md).
+# Services that take fewer than 10 records per request (docs/api-protocol.md).
 ENDPOINT_BATCH_CAPS = {
     "card-grader/v2/grade": 2,
     "upscaler/2x/upscale": 1,

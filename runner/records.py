@@ -1,4 +1,4 @@
-"""The small frozen values that travel between the stages (sources -> images -> client -> store)."""
+"""The small frozen values that travel between the stages (sources -> prepare -> client -> store)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# Final and non-final states of an image (PRODUCT.md, "Image states").
+# Final and non-final states of an image (docs/contract.md, "Image states").
 PENDING, DONE, FAILED, REJECTED = "pending", "done", "failed", "rejected"
 STATES = (PENDING, DONE, FAILED, REJECTED)
 
@@ -64,3 +64,23 @@ class RecordOutcome:
     attempts: int = 1  # how many requests carried this record
     too_large: bool = False  # the API said the payload was too large (the caller may downscale)
     final: bool = True  # False: no answer was had (a stop came first); the image stays pending
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A prepared image: the record to send, and what routing needs (its content hash)."""
+
+    item: Item
+    record: RequestRecord
+    content_hash: str | None  # None when the API fetches the bytes itself (send = "url")
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An image that will not be sent, and why."""
+
+    item: Item
+    reason: str
+    read_failed: bool  # True: the bytes could not be read (failed); False: the policy (rejected)

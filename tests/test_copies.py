@@ -9,9 +9,11 @@ import threading
 import pytest
 
 from runner.job import load_job
-from runner.pipeline import Ready, RunOptions, _Run
-from runner.records import Item, RecordOutcome, RequestRecord
+from runner.records import Item, Ready, RecordOutcome, RequestRecord
+from runner.report import export_rows
+from runner.run import Run
 from runner.store import Store
+from runner.summary import RunOptions
 
 
 def item(key: str) -> Item:
@@ -24,20 +26,20 @@ def run(tmp_path):
     job_file.write_text('name = "j"\n[source]\npaths = ["imgs/"]\n[state]\ndb = "s.db"\n')
     job = load_job(job_file)
     with Store(job.db_path) as store:
-        r = _Run(job, store, None, RunOptions(), threading.Event(), None)  # type: ignore[arg-type]
+        r = Run(job, store, None, RunOptions(), threading.Event(), None)  # type: ignore[arg-type]
         r.run_id = store.begin_run("j", pid=1, endpoint="e", budget=0)
         store.classify("j", [item(k) for k in ("lead", "early", "late")],
                        request_sig=r.request_sig, prep_sig=r.prep_sig, run_id=r.run_id)
         yield r
 
 
-def answer_with_a_late_copy(run: _Run, ok: bool) -> None:
+def answer_with_a_late_copy(run: Run, ok: bool) -> None:
     """`lead` is sent with `early` already waiting on it; `late` joins during the commit."""
     run.waiting["h"] = [item("early")]
     commit = run.store.record_batch
 
     def record_batch(*args, **kwargs):
-        with run._hash_lock:  # what _route does when the copy's preparation finishes now
+        with run._hash_lock:  # what route does when the copy's preparation finishes now
             run.waiting["h"].append(item("late"))
         return commit(*args, **kwargs)
 
@@ -46,12 +48,12 @@ def answer_with_a_late_copy(run: _Run, ok: bool) -> None:
     record = {"_id": "lead", "_status": {"code": 200 if ok else 400}}
     outcome = RecordOutcome("lead", ok=ok, record=record, reason=None if ok else "api 400",
                             final=True, attempts=1)
-    run._record_answers(1, [lead], [outcome])
+    run.record_answers(1, [lead], [outcome])
 
 
 def test_a_copy_that_arrives_during_the_commit_reuses_the_answer_for_free(run):
     answer_with_a_late_copy(run, ok=True)
-    rows = {r["key"]: r for r in run.store.export_rows("j")}
+    rows = {r["key"]: r for r in export_rows(run.job)}
     assert {k: (r["state"], r["credits"], r["reused_from"]) for k, r in rows.items()} == {
         "lead": ("done", 10, None), "early": ("done", 0, "lead"), "late": ("done", 0, "lead")}
     assert rows["late"]["result"] == rows["lead"]["result"]
@@ -63,7 +65,7 @@ def test_a_copy_that_arrives_during_the_commit_reuses_the_answer_for_free(run):
 
 def test_a_copy_that_arrives_during_the_commit_fails_with_its_original(run):
     answer_with_a_late_copy(run, ok=False)
-    rows = {r["key"]: r for r in run.store.export_rows("j")}
+    rows = {r["key"]: r for r in export_rows(run.job)}
     assert {k: r["state"] for k, r in rows.items()} == {"lead": "failed", "early": "failed",
                                                         "late": "failed"}
     assert rows["late"]["reason"] == "same bytes as lead: api 400"

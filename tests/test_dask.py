@@ -21,10 +21,10 @@ from PIL import Image
 
 from runner.cli import main
 from runner.errors import JobError
+from runner.executors import run_job
 from runner.job import SandboxSettings, load_job
-from runner.pipeline import run_job
+from runner.report import export_rows
 from runner.sandbox import Sandbox
-from runner.store import Store
 
 distributed = pytest.importorskip("distributed")
 
@@ -79,8 +79,7 @@ db = "state/{name}.db"
 
 def rows(job_file: Path) -> dict[str, dict]:
     job = load_job(job_file, ENV)
-    with Store(job.db_path) as store:
-        out = {r["key"]: r for r in store.export_rows(job.name)}
+    out = {r["key"]: r for r in export_rows(job)}
     for r in out.values():
         if r["result"]:
             r["result"]["_status"].pop("request_id", None)  # the emulator's, new every request
@@ -226,7 +225,7 @@ def test_budget_holds_across_workers_with_the_dask_option(tmp_path, cluster):
 def test_without_distributed_the_run_is_refused_before_anything_happens(tmp_path, sandbox,
                                                                         monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # what `import` sees when it is absent
-    monkeypatch.delitem(sys.modules, "runner.dask_executor", raising=False)
+    monkeypatch.delitem(sys.modules, "runner.executors.dask", raising=False)
     job = load_job(write_job(tmp_path, sandbox, "m", f"{tmp_path}/", 'kind = "dask"'), ENV)
     with pytest.raises(JobError, match=r"ximrun\[dask\]"):
         run_job(job)

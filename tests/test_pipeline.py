@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runner.pipeline import FETCH_BYTES, FETCH_UNKNOWN_SIZE, _fetch_groups
+from runner.prepare import FETCH_BYTES, FETCH_UNKNOWN_SIZE, _fetch_groups
 from runner.records import Item
 
 

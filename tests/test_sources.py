@@ -14,7 +14,8 @@ import pytest
 import requests
 from s3server import REGION, set_auth
 
-from runner import sources
+from runner import manifest as manifests
+from runner import sources, storage
 from runner.errors import ReadError, SourceError
 from runner.job import SourceConfig
 from runner.records import Item
@@ -117,12 +118,12 @@ def test_local_fingerprint_changes_when_the_file_changes(tmp_path: Path) -> None
 def test_read_bytes_local_whole_head_and_vanished(tmp_path: Path) -> None:
     f = write(tmp_path / "x.jpg", b"0123456789")
     item, = sources.list_items(src(f))
-    assert sources.read_bytes(item, src(f)) == b"0123456789"
-    assert sources.read_bytes(item, src(f), max_bytes=4) == b"0123"
+    assert storage.read_bytes(item, src(f)) == b"0123456789"
+    assert storage.read_bytes(item, src(f), max_bytes=4) == b"0123"
     f.unlink()
     with pytest.raises(ReadError, match=r"^not_found: "):
-        sources.read_bytes(item, src(f))
-    assert sources.presign(item, src(f)) is None
+        storage.read_bytes(item, src(f))
+    assert storage.presign(item, src(f)) is None
 
 
 def test_other_fsspec_protocols_list_through_fsspec() -> None:
@@ -136,7 +137,7 @@ def test_other_fsspec_protocols_list_through_fsspec() -> None:
         assert sorted(items) == [f"memory://{base}/a.jpg", f"memory://{base}/sub/b.jpg"]
         b = items[f"memory://{base}/sub/b.jpg"]
         assert b.size == 3 and b.fingerprint.startswith("3:")
-        assert sources.read_bytes(b, src()) == b"bbb"
+        assert storage.read_bytes(b, src()) == b"bbb"
         assert keys(src(f"memory://{base}/", recursive=False)) == [f"memory://{base}/a.jpg"]
         with pytest.raises(SourceError):
             list(sources.list_items(src(f"memory://{base}/missing")))
@@ -205,7 +206,7 @@ def test_s3_keys_with_spaces_and_unicode_round_trip(s3_bucket) -> None:
     items = by_key(source)
     assert sorted(items) == sorted(b.url(k) for k in names)
     for k, v in names.items():
-        assert sources.read_bytes(items[b.url(k)], source) == v
+        assert storage.read_bytes(items[b.url(k)], source) == v
     assert by_key(src(b.url("ünïcødé/"), storage_options=b.storage_options)).keys() == {
         b.url("ünïcødé/カード 1.png")}
 
@@ -215,10 +216,10 @@ def test_s3_object_deleted_after_listing_is_a_not_found_read_error(s3_bucket) ->
     b.put("gone.jpg", b"soon gone")
     source = src(b.url(), storage_options=b.storage_options)
     item, = sources.list_items(source)
-    assert sources.read_bytes(item, source, max_bytes=4) == b"soon"
+    assert storage.read_bytes(item, source, max_bytes=4) == b"soon"
     b.client.delete_object(Bucket=b.name, Key="gone.jpg")
     with pytest.raises(ReadError, match=r"^not_found: s3://.*gone\.jpg"):
-        sources.read_bytes(item, source)
+        storage.read_bytes(item, source)
 
 
 def test_read_many_fetches_objects_together_and_says_why_one_is_missing(s3_bucket,
@@ -235,7 +236,7 @@ def test_read_many_fetches_objects_together_and_says_why_one_is_missing(s3_bucke
     order = [items[b.url("c/d.jpg")], Item(str(local), str(local), 4, "x"),
              items[b.url("gone.jpg")], items[b.url("a[1].jpg")], items[b.url("b*?.jpg")],
              Item(str(tmp_path / "none.jpg"), str(tmp_path / "none.jpg"), 1, "x")]
-    got = sources.read_many(order, source)
+    got = storage.read_many(order, source)
     assert got[:2] == [b"three", b"five"] and got[3:5] == [b"one", b"two"]
     assert isinstance(got[2], ReadError) and str(got[2]) == f"not_found: {b.url('gone.jpg')}"
     assert isinstance(got[5], ReadError) and str(got[5]).startswith("not_found: ")
@@ -267,9 +268,9 @@ def test_s3_access_denied_on_read_and_on_listing(s3_bucket) -> None:
     try:
         items = by_key(source)
         assert sorted(items) == [b.url("ok.jpg"), b.url("secret.jpg")]
-        assert sources.read_bytes(items[b.url("ok.jpg")], source) == b"fine"
+        assert storage.read_bytes(items[b.url("ok.jpg")], source) == b"fine"
         with pytest.raises(ReadError, match=r"^access_denied: s3://.*secret\.jpg"):
-            sources.read_bytes(items[b.url("secret.jpg")], source)
+            storage.read_bytes(items[b.url("secret.jpg")], source)
         with pytest.raises(SourceError, match="access denied"):
             list(sources.list_items(src(f"s3://{nolist}/", storage_options=opts)))
     finally:
@@ -295,12 +296,12 @@ def test_presign_gives_a_url_that_fetches_the_object(s3_bucket) -> None:
     b.put("cards/ace of spades.jpg", b"\xff\xd8jpeg")
     source = src(b.url(), storage_options=b.storage_options)
     item, = sources.list_items(source)
-    url = sources.presign(item, source, expires_s=300)
+    url = storage.presign(item, source, expires_s=300)
     assert url is not None and url.startswith(b.endpoint_url)
     r = requests.get(url, timeout=10)
     assert r.status_code == 200 and r.content == b"\xff\xd8jpeg"
     http_item = Item(key="k", uri="https://example.com/a.jpg", size=None, fingerprint="url:x")
-    assert sources.presign(http_item, source) == "https://example.com/a.jpg"
+    assert storage.presign(http_item, source) == "https://example.com/a.jpg"
 
 
 def test_read_bytes_from_many_threads_at_once(s3_bucket) -> None:
@@ -313,7 +314,7 @@ def test_read_bytes_from_many_threads_at_once(s3_bucket) -> None:
 
     def read_all(offset: int) -> list[bytes]:
         start.wait()
-        return [sources.read_bytes(items[(offset + i) % n], source) for i in range(n)]
+        return [storage.read_bytes(items[(offset + i) % n], source) for i in range(n)]
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(read_all, range(8)))
@@ -392,7 +393,7 @@ def test_manifest_on_s3_resolves_relative_paths_against_its_prefix(s3_bucket) ->
     item, = sources.list_items(source, on_skip=skipped.append)
     etag = b.client.head_object(Bucket=b.name, Key="catalog/imgs/a.jpg")["ETag"].strip('"')
     assert (item.key, item.uri, item.fingerprint) == ("a", b.url("catalog/imgs/a.jpg"), f"3:{etag}")
-    assert sources.read_bytes(item, source) == b"aaa"
+    assert storage.read_bytes(item, source) == b"aaa"
     assert len(skipped) == 1 and skipped[0].startswith(f"{source.manifest}:2: no such file")
 
 
@@ -401,7 +402,7 @@ def test_check_manifest_names_duplicate_ids_and_their_lines(tmp_path: Path) -> N
     manifest.write_text("id,path\nsku-1,a.jpg\nsku-2,b.jpg\nsku-3,c.jpg\nsku-1,d.jpg\n"
                         ",e.jpg\n,e.jpg\nsku-2,f.jpg\nsku-2,g.jpg\n", encoding="utf-8")
     with pytest.raises(SourceError) as err:
-        sources.check_manifest(SourceConfig(manifest=str(manifest)))
+        manifests.check_manifest(SourceConfig(manifest=str(manifest)))
     message = str(err.value)
     assert "duplicate id 'sku-1' on lines 2 and 5" in message
     assert "duplicate id 'sku-2' on lines 3, 8 and 9" in message
@@ -413,18 +414,18 @@ def test_check_manifest_accepts_unique_ids_and_no_manifest(tmp_path: Path) -> No
     manifest = tmp_path / "m.csv"
     manifest.write_text("id,path\n" + "".join(f"sku-{i},{i}.jpg\n" for i in range(5000)),
                         encoding="utf-8")
-    sources.check_manifest(SourceConfig(manifest=str(manifest)))
-    sources.check_manifest(SourceConfig(paths=("x",)))
+    manifests.check_manifest(SourceConfig(manifest=str(manifest)))
+    manifests.check_manifest(SourceConfig(paths=("x",)))
 
 
 def test_unreadable_or_headless_manifests_raise_source_error(tmp_path: Path) -> None:
     no_column = tmp_path / "m.csv"
     no_column.write_text("id,file\n1,a.jpg\n", encoding="utf-8")
     with pytest.raises(SourceError, match="neither a path nor a url column"):
-        sources.check_manifest(SourceConfig(manifest=str(no_column)))
+        manifests.check_manifest(SourceConfig(manifest=str(no_column)))
     with pytest.raises(SourceError, match="neither a path nor a url column"):
         list(sources.list_items(SourceConfig(manifest=str(no_column))))
     with pytest.raises(SourceError, match="no such manifest"):
-        sources.check_manifest(SourceConfig(manifest=str(tmp_path / "missing.csv")))
+        manifests.check_manifest(SourceConfig(manifest=str(tmp_path / "missing.csv")))
     with pytest.raises(SourceError, match=r"\.csv, \.jsonl or \.ndjson"):
-        sources.check_manifest(SourceConfig(manifest=str(tmp_path / "m.xlsx")))
+        manifests.check_manifest(SourceConfig(manifest=str(tmp_path / "m.xlsx")))

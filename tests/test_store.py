@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from runner.records import Item, RecordOutcome
-from runner.store import (
+from runner import report
+from runner.classify import (
     CHANGED,
     CHANGED_REQUEST,
     KEPT_FAILED,
@@ -16,9 +16,9 @@ from runner.store import (
     RESUMED,
     RETRY,
     UNCHANGED,
-    Answer,
-    Store,
 )
+from runner.records import Item, RecordOutcome
+from runner.store import BatchAnswer, Store
 
 
 def item(key: str, fp: str = "10:1") -> Item:
@@ -36,15 +36,15 @@ def kinds(store, items, run_id=None, sig="req", prep="prep"):
 
 def answer(key, ok=True, h=None, followers=(), final=True, attempts=1):
     rec = {"_id": key, "_status": {"code": 200 if ok else 400}}
-    return Answer(item(key), RecordOutcome(key, ok=ok, record=rec, reason=None if ok else "api 400",
+    return BatchAnswer(item(key), RecordOutcome(key, ok=ok, record=rec, reason=None if ok else "api 400",
                                            final=final, attempts=attempts), h, tuple(followers))
 
 
 def test_schema_is_browsable_and_in_wal_mode(tmp_path):
     with Store(tmp_path / "s.db") as s:
-        tables = {r[0] for r in s.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = {r[0] for r in s.db.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"items", "runs", "attempts"} <= tables
-        assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert s.db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_only_a_recorded_answer_makes_an_image_done(tmp_path):
@@ -58,7 +58,7 @@ def test_only_a_recorded_answer_makes_an_image_done(tmp_path):
                                  request_sig="req", prep_sig="prep", per_image=10)
         assert credits == 10
         assert kinds(s, [item("a"), item("b")]) == {"a": UNCHANGED, "b": KEPT_FAILED}
-        assert s.counts("j")["done"] == 1 and s.counts("j")["failed"] == 1
+        assert report.counts(s, "j")["done"] == 1 and report.counts(s, "j")["failed"] == 1
         assert s.spent("j") == 10
 
 
@@ -89,7 +89,7 @@ def test_unanswered_attempts_of_a_dead_run_are_named(tmp_path):
         # the process dies here; a later run starts
         run2 = s.begin_run("j", pid=2, endpoint="e", budget=0)
         assert s.run_row(run)["status"] == "crashed"
-        lost = s.unanswered("j", running_run=run2)
+        lost = report.unanswered(s, "j", running_run=run2)
         assert [u["keys"] for u in lost] == [["a", "b"]]
 
 
@@ -99,7 +99,7 @@ def test_followers_share_the_answer_for_free(tmp_path):
         kinds(s, [item("a"), item("copy")], run)
         s.record_batch("j", run, 1, [answer("a", h="h1", followers=[item("copy")])],
                        request_sig="req", prep_sig="p", per_image=10)
-        rows = {r["key"]: r for r in s.export_rows("j")}
+        rows = {r["key"]: r for r in report.stored_rows(s.path, "j")}
         assert rows["copy"]["state"] == "done" and rows["copy"]["credits"] == 0
         assert rows["copy"]["reused_from"] == "a"
         assert s.find_answer("h1", "req")[1] == "a"
@@ -113,7 +113,7 @@ def test_not_final_outcome_leaves_the_image_pending(tmp_path):
         kinds(s, [item("a")], run)
         s.record_batch("j", run, 1, [answer("a", ok=False, final=False)], request_sig="req",
                        prep_sig="p", per_image=10)
-        assert s.counts("j")["pending"] == 1
+        assert report.counts(s, "j")["pending"] == 1
 
 
 def test_images_no_longer_listed_are_kept_and_flagged_missing(tmp_path):
@@ -123,7 +123,7 @@ def test_images_no_longer_listed_are_kept_and_flagged_missing(tmp_path):
         run2 = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a")], run2)
         assert s.mark_missing("j", run2) == 1
-        assert s.counts("j")["missing"] == 1
+        assert report.counts(s, "j")["missing"] == 1
 
 
 def test_a_reader_sees_committed_batches_while_the_writer_runs(tmp_path):
@@ -151,7 +151,7 @@ def test_the_writer_commits_before_each_caller_returns(tmp_path):
     with Store(path) as s:
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item(f"k{i}") for i in range(64)], run)
-        with s.writer():
+        with s.grouped():
             def one(i):
                 s.record_attempt("j", run, i, 1, [f"k{i}"])
                 # Returned: the row is on disk for any other connection (the request may leave).
@@ -163,17 +163,17 @@ def test_the_writer_commits_before_each_caller_returns(tmp_path):
                 list(pool.map(one, range(64)))
         # Sixteen threads at once share transactions; every write and counter is there once.
         assert s.stats.writes >= 128 and s.stats.transactions <= s.stats.writes
-        assert s.counts("j")["done"] == 64
+        assert report.counts(s, "j")["done"] == 64
         row = s.run_row(run)
         assert (row["requests"], row["sent"], row["done"], row["credits"]) == (64, 64, 64, 640)
-        assert s.unanswered("j") == []
+        assert report.unanswered(s, "j") == []
 
 
 def test_a_failing_write_in_a_group_fails_alone(tmp_path):
     with Store(tmp_path / "s.db") as s:
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a"), item("b")], run)
-        with s.writer():
+        with s.grouped():
             start = threading.Barrier(2)
 
             def bad(c):
@@ -187,10 +187,10 @@ def test_a_failing_write_in_a_group_fails_alone(tmp_path):
                 ok = pool.submit(good)
                 start.wait()
                 with pytest.raises(sqlite3.IntegrityError):
-                    s._write(bad)
+                    s.db.write(bad)
                 ok.result()
         assert s.run_row(run)["requests"] == 1
-        assert [u["keys"] for u in s.unanswered("j")] == [["b"]]
+        assert [u["keys"] for u in report.unanswered(s, "j")] == [["b"]]
 
 
 def test_a_group_commits_in_one_transaction_and_again_write_by_write_when_one_fails(
@@ -201,12 +201,12 @@ def test_a_group_commits_in_one_transaction_and_again_write_by_write_when_one_fa
     with Store(tmp_path / "s.db") as s:
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a"), item("b"), item("c")], run)
-        with s.writer():
-            writer = s._writer
+        with s.grouped():
+            writer = s.db._group
             assert writer is not None
             for group, failing in (([0, 1], False), ([2, "bad", 3], True)):
                 before = s.stats.transactions
-                with s._lock:  # the writer thread waits, so the writes queue up as one group
+                with s.db.lock:  # the writer thread waits, so the writes queue up as one group
                     ops = [writer.enqueue(bad if k == "bad" else
                                           s._attempt_row("j", run, k, 1, [f"k{k}"]))
                            for k in group]
@@ -219,7 +219,7 @@ def test_a_group_commits_in_one_transaction_and_again_write_by_write_when_one_fa
                 # Together at first; again, a savepoint each, only when one of them failed.
                 assert s.stats.transactions - before == (2 if failing else 1)
         assert s.run_row(run)["requests"] == 4
-        assert sorted(u["batch"] for u in s.unanswered("j")) == [0, 1, 2, 3]
+        assert sorted(u["batch"] for u in report.unanswered(s, "j")) == [0, 1, 2, 3]
 
 
 def test_the_listing_returns_only_what_must_happen(tmp_path):
@@ -249,14 +249,14 @@ def test_a_unique_listing_that_names_every_row_needs_no_index(tmp_path):
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a"), item("c")], run)
         assert s.mark_missing("j", run, unique_listing=True) == 1  # b is gone: counts differ
-        assert s.failed_among_listed("j", run) == 0  # b failed, but it was not listed
+        assert s.count_listed("j", "failed") == 0  # b failed, but it was not listed
         # Everything listed again: no index is built, b is no longer missing, counts still right.
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a"), item("b"), item("c")], run)
         assert s.mark_missing("j", run, unique_listing=True) == 0
-        assert s.counts("j")["missing"] == 0
-        assert (s.pending_among_listed("j", run), s.failed_among_listed("j", run)) == (1, 1)
-        indexes = {r[0] for r in s.conn.execute("SELECT name FROM temp.sqlite_master")}
+        assert report.counts(s, "j")["missing"] == 0
+        assert (s.count_listed("j", "pending"), s.count_listed("j", "failed")) == (1, 1)
+        indexes = {r[0] for r in s.db.conn.execute("SELECT name FROM temp.sqlite_master")}
         assert "listed_key" not in indexes
 
 

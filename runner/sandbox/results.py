@@ -16,7 +16,7 @@ from PIL import Image, ImageChops, ImageStat
 pillow_heif.register_heif_opener()
 Image.init()  # load every plugin now: `formats=` below names plugins Pillow loads lazily
 
-# The formats the API takes (XIMILAR_API.md); Pillow names JPEGs with an MPO segment "MPO".
+# The formats the API takes (docs/api-protocol.md); Pillow names JPEGs with an MPO segment "MPO".
 # Anything else (AVIF, JPEG 2000, PSD, ...) is refused even though Pillow could decode it.
 _ACCEPTED = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "HEIF")
                   if f in Image.OPEN)

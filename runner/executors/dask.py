@@ -1,4 +1,4 @@
-"""Runs a job on a Dask cluster: workers read, prepare and send chunks of images; this process stays
+"""The Dask executor: runs a job on a Dask cluster: workers read, prepare and send chunks of images; this process stays
 the single owner of the state database (it lists, routes copies, reserves budget, records outcomes).
 
 A chunk's prepared bytes stay on the worker that prepared them (a Dask future); only keys, content
@@ -22,8 +22,10 @@ from typing import Any, cast
 from runner.client import ApiClient
 from runner.errors import AuthError, JobError
 from runner.job import ExecutorConfig, Job
-from runner.pipeline import Ready, Refused, Summary, _Run, prepare_items, submit_prepared
-from runner.records import Item, RecordOutcome
+from runner.prepare import prepare_items
+from runner.records import Item, Ready, RecordOutcome, Refused
+from runner.run import Run, submit_prepared
+from runner.summary import Summary
 
 try:
     import distributed
@@ -151,49 +153,55 @@ def dask_setup(worker: Any) -> None:
 # --- the coordinator ---------------------------------------------------------------------------
 
 @dataclass
-class _Batch:
+class _DaskBatch:
     readies: list[Ready]  # without their bytes: those are in `parts`, on the workers
     parts: tuple[Any, ...]  # futures of the Prepared dicts that hold the bytes
 
 
-class DaskRun(_Run):
-    """The local run's coordinator, with preparation and requests on a Dask cluster."""
+class DaskExecutor:
+    """The run's decisions stay in this process (`Run`); preparation and requests go to a Dask
+    cluster."""
 
-    dask: distributed.Client
-    worker_job: WorkerJob
-
-    def execute(self) -> Summary:
-        with open_cluster(self.job.executor, self.job.api.concurrency) as dask:
+    def execute(self, run: Run) -> Summary:
+        job = run.job
+        with open_cluster(job.executor, job.api.concurrency) as dask:
             workers = len(dask.nthreads())
-            self.dask = dask
             # Each worker's client caps its own requests, so the cluster stays at `concurrency`.
-            self.worker_job = WorkerJob(self.job, self.client.endpoint_url,
-                                        max(1, self.job.api.concurrency // workers),
-                                        uuid.uuid4().hex)
+            w = WorkerJob(job, run.client.endpoint_url, max(1, job.api.concurrency // workers),
+                          uuid.uuid4().hex)
             log.info("running on %d Dask worker(s), %d request(s) in flight each",
-                     workers, self.worker_job.concurrency)
-            return super().execute()
+                     workers, w.concurrency)
+            return run.execute(lambda r: _Coordinator(r, dask, w).drive())
 
-    def _coordinate(self) -> tuple[str | None, bool]:
+
+class _Coordinator:
+    """The loop of one run on the cluster: what the local executor's loop does, with tasks."""
+
+    def __init__(self, run: Run, dask: distributed.Client, worker_job: WorkerJob) -> None:
+        self.run = run
+        self.dask = dask
+        self.worker_job = worker_job
+
+    def drive(self) -> tuple[str | None, bool]:
         """Returns (why it stopped early or None, whether the whole listing was seen)."""
         dask, w = self.dask, self.worker_job
-        bs = self.job.api.batch_size
+        bs = self.run.job.api.batch_size
         nthreads = dask.nthreads()
         chunk_size = bs * CHUNK_BATCHES
         window = 2 * sum(nthreads.values()) * chunk_size  # images taken up, not yet sent
-        concurrency, workers = self.job.api.concurrency, len(nthreads)
+        concurrency, workers = self.run.job.api.concurrency, len(nthreads)
         # A send task waiting per worker keeps them busy; never more tasks than requests allowed.
         send_window = concurrency + workers if concurrency >= workers else concurrency
-        listing = self._listed()
+        listing = self.run.listed()
         intake_done = exhausted = limited = False
         stopped_by: str | None = None
         taken = 0
-        limit = self.options.limit
+        limit = self.run.options.limit
         # Results are fetched on the client's event loop as tasks finish, not one by one here.
         finished = distributed.as_completed(loop=dask.loop, with_results=True,
                                             raise_errors=False)
         describing: dict[distributed.Future, tuple[distributed.Future, list[Item]]] = {}
-        batches: deque[_Batch] = deque()
+        batches: deque[_DaskBatch] = deque()
         leftovers: list[tuple[distributed.Future, Ready]] = []  # a chunk's last partial batch
         sending: dict[distributed.Future, tuple[int, list[Ready]]] = {}
 
@@ -202,7 +210,7 @@ class DaskRun(_Run):
                     + sum(len(b.readies) for b in batches))
 
         while True:
-            stopped_by = self._stop_reason(stopped_by)
+            stopped_by = self.run.stop_reason(stopped_by)
             # 1. take up listed images, a chunk per task, while the window has room
             while stopped_by is None and not intake_done and queued() < window:
                 room = chunk_size if limit is None else min(chunk_size, limit - taken)
@@ -221,9 +229,9 @@ class DaskRun(_Run):
                 finished.add(described)
                 describing[described] = (prepared, items)
             # 2. settle what finished: route described chunks, record answered batches
-            self._settle(finished, describing, sending, batches, leftovers,
+            self._take_finished(finished, describing, sending, batches, leftovers,
                          route=stopped_by is None)
-            stopped_by = self._stop_reason(stopped_by)
+            stopped_by = self.run.stop_reason(stopped_by)
             # 3. full batches out; the last partial ones once nothing else comes
             if stopped_by is None:
                 last = intake_done and not describing
@@ -231,14 +239,14 @@ class DaskRun(_Run):
                     batches.append(self._mixed_batch(leftovers[:bs]))
                     del leftovers[:bs]
             while batches and stopped_by is None and len(sending) < send_window:
-                n = self._affordable(len(batches[0].readies))
+                n = self.run.affordable(len(batches[0].readies))
                 if n == 0:
                     if not sending:
                         stopped_by = "budget"
                     break
                 b = batches.popleft()
                 if n < len(b.readies):
-                    batches.appendleft(_Batch(b.readies[n:], b.parts))
+                    batches.appendleft(_DaskBatch(b.readies[n:], b.parts))
                 self._dispatch(b.readies[:n], b.parts, sending, finished)
             # 4. finished?
             if stopped_by is not None and not sending:
@@ -247,18 +255,18 @@ class DaskRun(_Run):
                 break
         for f in describing:
             f.cancel()
-        return self._wind_up(listing, stopped_by, limited, exhausted)
+        return self.run.wind_up(listing, stopped_by, limited, exhausted)
 
-    def _settle(self, finished: distributed.as_completed,
+    def _take_finished(self, finished: distributed.as_completed,
                 describing: dict[distributed.Future, tuple[distributed.Future, list[Item]]],
                 sending: dict[distributed.Future, tuple[int, list[Ready]]],
-                batches: deque[_Batch], leftovers: list[tuple[distributed.Future, Ready]], *,
+                batches: deque[_DaskBatch], leftovers: list[tuple[distributed.Future, Ready]], *,
                 route: bool) -> None:
         """Wait a little for finished tasks, then take in every one that has finished."""
         with finished.thread_condition:  # notified under this lock: no wake-up is missed
             if not finished.has_ready():
                 finished.thread_condition.wait(timeout=0.5)
-        bs = self.job.api.batch_size
+        bs = self.run.job.api.batch_size
         for f, described in finished.next_batch(block=False):
             if f.status == "error":
                 described = f.exception()  # AuthError, KilledWorker, ...
@@ -269,17 +277,17 @@ class DaskRun(_Run):
                 if isinstance(described, BaseException):  # its workers died over and over
                     log.error("%d image(s) could not be prepared on the cluster: %s",
                               len(items), described)
-                    self._mark_lost(items, f"worker lost while preparing: {described}")
+                    self.run.mark_lost(items, f"worker lost while preparing: {described}")
                     continue
                 if not route:
                     continue
                 readies: list[Ready] = []
-                self._route(described, readies)
+                self.run.route(described, readies)
                 whole = len(readies) - len(readies) % bs
-                batches.extend(_Batch(readies[i:i + bs], (prepared,)) for i in range(0, whole, bs))
+                batches.extend(_DaskBatch(readies[i:i + bs], (prepared,)) for i in range(0, whole, bs))
                 leftovers.extend((prepared, r) for r in readies[whole:])
 
-    def _mixed_batch(self, members: list[tuple[distributed.Future, Ready]]) -> _Batch:
+    def _mixed_batch(self, members: list[tuple[distributed.Future, Ready]]) -> _DaskBatch:
         """A batch from several chunks' leftovers: only its own images move between workers."""
         by_chunk: dict[distributed.Future, list[str]] = {}
         for prepared, r in members:
@@ -290,15 +298,15 @@ class DaskRun(_Run):
             parts = tuple(self.dask.submit(pick, prepared, keys, pure=False,
                                            priority=PRIORITY_SEND)
                           for prepared, keys in by_chunk.items())
-        return _Batch([r for _, r in members], parts)
+        return _DaskBatch([r for _, r in members], parts)
 
     def _dispatch(self, readies: list[Ready], parts: tuple[Any, ...],
                   sending: dict[distributed.Future, tuple[int, list[Ready]]],
                   finished: distributed.as_completed) -> None:
-        batch_no = self._next_batch()
+        batch_no = self.run.next_batch()
         keys = [r.item.key for r in readies]
         # The worker cannot write here: the batch is recorded in flight before its task exists.
-        self._record_attempt(batch_no, 1, keys)
+        self.run.record_attempt(batch_no, 1, keys)
         f = self.dask.submit(send_batch, self.worker_job, keys, *parts, pure=False,
                              priority=PRIORITY_SEND)
         finished.add(f)
@@ -307,8 +315,8 @@ class DaskRun(_Run):
     def _take_answers(self, sent: Sent | BaseException, batch_no: int,
                       readies: list[Ready]) -> None:
         if isinstance(sent, AuthError):
-            self._unreserve(len(readies))
-            self.auth_error = sent
+            self.run.unreserve(len(readies))
+            self.run.refuse_token(sent)
             return
         if isinstance(sent, BaseException):  # its workers died over and over (KilledWorker)
             log.error("batch %d: no answer from the cluster: %s", batch_no, sent)
@@ -316,11 +324,5 @@ class DaskRun(_Run):
             sent = Sent([RecordOutcome(r.item.key, ok=False, reason=why) for r in readies], [])
         # The first request was recorded before the task was submitted; retries after it here.
         for attempt, ids in enumerate(sent.requests[1:], start=2):
-            self._record_attempt(batch_no, attempt, ids)
-        self._record_answers(batch_no, readies, sent.outcomes)
-
-    def _mark_lost(self, items: list[Item], reason: str) -> None:
-        self.store.mark_failed(self.job.name, [(it, reason) for it in items], run_id=self.run_id)
-        with self._lock:
-            self.summary.failed += len(items)
-        self._report()
+            self.run.record_attempt(batch_no, attempt, ids)
+        self.run.record_answers(batch_no, readies, sent.outcomes)

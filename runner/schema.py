@@ -1,0 +1,65 @@
+"""The state database's tables (docs/schema.md describes them column by column)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import sqlite_utils
+
+from runner.records import PENDING
+
+SCHEMA_VERSION = 1
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    """The tables and indexes, created where missing; the schema version recorded once."""
+    db = sqlite_utils.Database(conn)
+    db["items"].create(
+        {
+            "job": str, "key": str, "uri": str, "size": int, "fingerprint": str,
+            "state": str, "reason": str, "credits": int, "result": str,
+            "content_hash": str, "request_sig": str, "prep_sig": str,
+            "reused_from": str, "sends": int, "listed_run": int, "missing": int,
+            "first_seen": str, "updated_at": str, "answered_at": str,
+        },
+        pk=("job", "key"),
+        not_null={"job", "key", "state"},
+        defaults={"credits": 0, "sends": 0, "missing": 0, "state": PENDING},
+        if_not_exists=True,
+    )
+    db["items"].create_index(["job", "state"], if_not_exists=True)
+    db["items"].create_index(["content_hash", "request_sig"], if_not_exists=True)
+    # Only the few missing images: finding those listed again costs nothing otherwise.
+    conn.execute("CREATE INDEX IF NOT EXISTS idx_items_missing ON items (job, key) "
+                      "WHERE missing = 1")
+    db["runs"].create(
+        {
+            "id": int, "job": str, "pid": int, "started_at": str, "finished_at": str,
+            "status": str, "exit_code": int, "endpoint": str, "budget": int,
+            "listed": int, "sent": int, "done": int, "failed": int, "rejected": int,
+            "reused": int, "requests": int, "credits": int, "credits_saved": int,
+            "account_before": int, "account_after": int,
+        },
+        pk="id",
+        not_null={"job", "started_at", "status"},
+        defaults={"listed": 0, "sent": 0, "done": 0, "failed": 0, "rejected": 0,
+                  "reused": 0, "requests": 0, "credits": 0, "credits_saved": 0},
+        if_not_exists=True,
+    )
+    db["runs"].create_index(["job", "id"], if_not_exists=True)
+    # One row per HTTP request that carried records: written before the request is sent,
+    # closed when its batch is recorded. A row still open after its run ended names images
+    # that may have been billed without an answer recorded.
+    db["attempts"].create(
+        {"id": int, "run_id": int, "job": str, "batch": int, "attempt": int,
+         "keys": str, "n": int, "sent_at": str, "closed_at": str},
+        pk="id",
+        not_null={"run_id", "job", "keys", "sent_at"},
+        foreign_keys=[("run_id", "runs", "id")],
+        if_not_exists=True,
+    )
+    db["attempts"].create_index(["job", "closed_at"], if_not_exists=True)
+    db["attempts"].create_index(["run_id", "batch"], if_not_exists=True)
+    db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                      (str(SCHEMA_VERSION),))

@@ -1,0 +1,68 @@
+"""What a run or a plan did (`Summary`), and what the caller asks of a run (`RunOptions`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from runner.classify import (
+    CHANGED,
+    CHANGED_REQUEST,
+    KEPT_FAILED,
+    NEW,
+    RESUMED,
+    RETRY,
+    UNCHANGED,
+)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    limit: int | None = None  # stop after this many images were taken up
+    budget: int | None = None  # overrides the job's [credits] budget
+
+
+@dataclass
+class Summary:
+    """What a run (or a plan) did; the CLI prints it, --json dumps it, the runs row holds it."""
+
+    job: str
+    run_id: int | None = None
+    status: str = "running"
+    exit_code: int = 0
+    message: str | None = None
+    listed: int = 0
+    new: int = 0
+    changed: int = 0
+    changed_request: int = 0
+    unchanged: int = 0
+    resumed: int = 0
+    retried: int = 0
+    kept_failed: int = 0
+    skipped_rows: int = 0
+    sent: int = 0
+    done: int = 0
+    failed: int = 0
+    rejected: int = 0
+    reused: int = 0
+    requests: int = 0
+    credits: int = 0
+    credits_saved: int = 0
+    pending: int = 0
+    missing: int = 0
+    budget: int = 0
+    account_before: int | None = None
+    account_after: int | None = None
+    elapsed_s: float = 0.0
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressFn = Callable[[Summary], None]
+# Which Summary counter each classification of a listed image adds to.
+KIND_COUNTERS = {NEW: "new", CHANGED: "changed", CHANGED_REQUEST: "changed_request",
+                 UNCHANGED: "unchanged", RESUMED: "resumed", RETRY: "retried",
+                 KEPT_FAILED: "kept_failed"}

@@ -1,0 +1,188 @@
+"""The transport under the API client: one urllib3 pool shared by every thread, the proxy and
+CA bundle the environment names, and an adaptive limit on the requests in flight.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    DecodeError,
+    NewConnectionError,
+    ProtocolError,
+    ProxyError,
+    SSLError,
+)
+from urllib3.exceptions import HTTPError as TransportError
+from urllib3.exceptions import TimeoutError as TransportTimeout
+
+from runner.errors import JobError, brief
+
+log = logging.getLogger("ximrun.client")
+
+
+class AdaptiveLimit:
+    """AIMD cap on requests in flight, shared by all worker threads of one client."""
+
+    WINDOW_S = 1.0  # 429s closer together than this are one congestion signal
+    POLL_S = 0.1  # how often a waiter looks at the stop event (it cannot notify our Condition)
+
+    def __init__(self, maximum: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if maximum < 1:
+            raise ValueError("maximum must be at least 1")
+        self.maximum = maximum
+        self._limit = maximum
+        self._in_flight = 0
+        self._clean = 0
+        self._last_decrease = float("-inf")
+        self._clock = clock
+        self._cond = threading.Condition()
+
+    @property
+    def limit(self) -> int:
+        with self._cond:
+            return self._limit
+
+    @property
+    def in_flight(self) -> int:
+        with self._cond:
+            return self._in_flight
+
+    def acquire(self, stop: threading.Event | None = None) -> bool:
+        """Block until a slot is free; False (and no slot taken) once `stop` is set."""
+        with self._cond:
+            while True:
+                if stop is not None and stop.is_set():
+                    return False
+                if self._in_flight < self._limit:
+                    self._in_flight += 1
+                    return True
+                self._cond.wait(self.POLL_S if stop is not None else None)
+
+    def release(self) -> None:
+        with self._cond:
+            self._in_flight = max(0, self._in_flight - 1)
+            self._cond.notify()
+
+    def on_throttle(self) -> None:
+        with self._cond:
+            self._clean = 0
+            now = self._clock()
+            if now - self._last_decrease < self.WINDOW_S:
+                return
+            self._last_decrease = now
+            new = max(1, self._limit // 2)
+            if new != self._limit:
+                log.debug("throttled: requests in flight capped at %d (was %d)", new, self._limit)
+                self._limit = new
+
+    def on_success(self) -> None:
+        with self._cond:
+            if self._limit >= self.maximum:
+                self._clean = 0
+                return
+            self._clean += 1
+            if self._clean >= self._limit:
+                self._clean = 0
+                self._limit += 1
+                log.debug("requests in flight capped at %d (was %d)", self._limit, self._limit - 1)
+                self._cond.notify()
+
+
+def transport_error(exc: TransportError, timeout: tuple[float, float]) -> str:
+    """What went wrong with a request, in a few words, from urllib3's exception."""
+    if isinstance(exc, (NewConnectionError, ProxyError)):  # the API or the proxy unreachable
+        return f"connection failed ({brief(str(exc), 160)})"
+    if isinstance(exc, ConnectTimeoutError):
+        return f"connect timeout after {timeout[0]:g}s"
+    if isinstance(exc, TransportTimeout):
+        return f"timeout after {timeout[1]:g}s"
+    if isinstance(exc, ProtocolError):
+        # urllib3 says "Connection broken" once the answer has begun, "aborted" before.
+        if str(exc).startswith("Connection broken") or _caused_by(exc, (
+                http.client.IncompleteRead, urllib3.exceptions.IncompleteRead,
+                urllib3.exceptions.InvalidChunkLength)):
+            return "connection dropped while reading the answer"
+        if _caused_by(exc, (http.client.RemoteDisconnected, ConnectionResetError,
+                            BrokenPipeError)) or "Connection aborted" in str(exc):
+            return "connection dropped"
+        return f"connection failed ({brief(str(exc), 160)})"
+    if isinstance(exc, SSLError):
+        return f"TLS failed ({brief(str(exc), 160)})"
+    if isinstance(exc, DecodeError):
+        return "the answer could not be decompressed"
+    return f"{type(exc).__name__}: {brief(str(exc), 160)}"
+
+
+def pool_manager(endpoint_url: str, size: int, timeout: tuple[float, float],
+                  proxy: str | None) -> urllib3.PoolManager:
+    """Connections to the endpoint, shared by every thread, through `proxy` if any, with the CA
+    bundle REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE names, else certifi's, else the system's."""
+    kw: dict[str, Any] = {
+        # `size` requests at once, and room for the account's GET beside them.
+        "num_pools": 4, "maxsize": size + 2, "block": False, "retries": False,
+        "timeout": urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+    }
+    ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if not ca:
+        try:
+            import certifi
+        except ImportError:
+            ca = None  # the system's store, as the ssl module finds it
+        else:
+            ca = certifi.where()
+    if ca:
+        kw["ca_certs" if os.path.isfile(ca) else "ca_cert_dir"] = ca
+    if proxy is None:
+        return urllib3.PoolManager(**kw)
+    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if parts.scheme not in ("http", "https"):
+        raise JobError(f"the proxy for {endpoint_url} is {parts.scheme}://...: ximrun speaks "
+                       "to http:// and https:// proxies only (see HTTPS_PROXY, ALL_PROXY)")
+    headers = None
+    if parts.username is not None:
+        auth = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers = urllib3.make_headers(proxy_basic_auth=auth)
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib3.ProxyManager(f"{parts.scheme}://{netloc}", proxy_headers=headers, **kw)
+
+
+def environ_proxy(url: str) -> str | None:
+    """The proxy URL the environment names for `url` (HTTP(S)_PROXY, ALL_PROXY), or None (none
+    set, or NO_PROXY matches); read once per client."""
+    proxies = urllib.request.getproxies_environment()
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not proxies or not host:
+        return None
+    # NO_PROXY entries may name a host or a host:port.
+    if urllib.request.proxy_bypass_environment(host, proxies) or (
+            parts.port and urllib.request.proxy_bypass_environment(f"{host}:{parts.port}",
+                                                                   proxies)):
+        return None
+    return proxies.get(parts.scheme) or proxies.get("all") or None
+
+
+def _caused_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 10:
+        if isinstance(cur, kinds) or any(isinstance(a, kinds) for a in getattr(cur, "args", ())):
+            return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return False
