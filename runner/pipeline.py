@@ -9,7 +9,6 @@ transaction before the next decision that depends on it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -21,13 +20,13 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from runner import sources
 from runner.client import ApiClient, AttemptFn
-from runner.errors import AuthError, LockedError, ReadError, SourceError
+from runner.errors import AuthError, ReadError, SourceError
 from runner.job import ImagePolicy, Job, is_url
+from runner.lock import run_lock
 from runner.records import Item, PreparedImage, RecordOutcome, RequestRecord
 from runner.store import (
     CHANGED,
@@ -245,31 +244,6 @@ def submit_prepared(job: Job, client: ApiClient, batch: Sequence[Ready],
         return outcomes
     second = {o.id: o for o in client.submit_batch(again, on_attempt=on_attempt)}
     return [second.get(o.id, o) for o in outcomes]
-
-
-# --- the run lock ------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def run_lock(db_path: Path) -> Iterator[None]:
-    """One run per state database, held by the kernel: it dies with the process, never stale."""
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = db_path.with_name(db_path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
-            pid = int(holder) if holder.isdigit() else None
-            raise LockedError(
-                f"another run of {db_path.name} is in progress"
-                + (f" (pid {pid})" if pid else ""), pid=pid) from None
-        # One fixed-width write over the last holder's pid: a run that reads it never sees it empty.
-        os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)
-        os.ftruncate(fd, 21)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 @contextlib.contextmanager
