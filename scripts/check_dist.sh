@@ -20,7 +20,7 @@ finish() {
     rm -rf "$WORK"
     echo
     echo "check_dist: time per step"
-    for line in "${TIMES[@]}"; do echo "  $line"; done
+    for line in ${TIMES[@]+"${TIMES[@]}"}; do echo "  $line"; done
     if [ "$rc" -ne 0 ]; then
         echo "check_dist: FAILED in step '$STEP' (exit $rc)" >&2
     else
@@ -30,12 +30,15 @@ finish() {
 }
 trap finish EXIT
 
+now() { echo "${EPOCHREALTIME:-$(date +%s)}"; }  # bash 5's clock, else whole seconds
+
 step() {  # step NAME FUNCTION: run it under set -e, then record how long it took
     STEP=$1
-    local start=$EPOCHREALTIME
+    local start
+    start=$(now)
     echo "== $1"
     "$2"
-    TIMES+=("$(awk -v n="$1" -v a="$start" -v b="$EPOCHREALTIME" \
+    TIMES+=("$(awk -v n="$1" -v a="$start" -v b="$(now)" \
         'BEGIN { printf "%-34s %6.1fs", n, b - a }')")
 }
 
