@@ -3,14 +3,21 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DIST_STAMP := $(VENV)/.installed-dist
 
-.PHONY: venv demo test lint bench sample-data clean
+.PHONY: venv demo test lint bench sample-data dist dist-check clean
 
-$(STAMP): pyproject.toml
+# runner/__init__.py holds the version the installed metadata carries.
+$(STAMP): pyproject.toml runner/__init__.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,dask]'
 	touch $(STAMP)
+
+# build and twine, for `make dist` and `make dist-check` only.
+$(DIST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,dask,dist]'
+	touch $(DIST_STAMP)
 
 venv: $(STAMP)
 
@@ -30,5 +37,15 @@ bench: $(STAMP)
 sample-data: $(STAMP)
 	$(BIN)/python scripts/make_sample_data.py
 
+# The sdist and the wheel in dist/, checked by twine.
+dist: $(DIST_STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
+
+# Build both, install the wheel in a fresh venv away from the checkout and use it there.
+dist-check: $(DIST_STAMP)
+	PYTHON=$(BIN)/python bash scripts/check_dist.sh
+
 clean:
-	rm -rf $(VENV) state .pytest_cache .ruff_cache
+	rm -rf $(VENV) state dist build .pytest_cache .ruff_cache

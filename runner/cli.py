@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -438,6 +439,44 @@ def sandbox(host: str, port: int, **settings: Any) -> None:
     except JobError as exc:
         _fail(str(exc), ExitCode.USAGE)
     serve(cfg, host, port)
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("folder", required=False, default="ximrun-demo",
+                type=click.Path(file_okay=False))
+@click.pass_context
+def demo(ctx: click.Context, folder: str) -> None:
+    """Write the demo job and sample images into FOLDER (default: ./ximrun-demo), then run it.
+
+    The job uses the embedded API emulator: no source checkout, token or network. A FOLDER that
+    is not empty must hold an earlier demo (exit 2 otherwise); running that again sends nothing.
+    Exit codes are those of `run`.
+    """
+    import shlex
+
+    from runner.demo import write_demo
+
+    try:
+        job_file, written = write_demo(Path(folder))
+    except OSError as exc:
+        _fail(f"demo refused: {exc}", ExitCode.USAGE)
+        return
+    if written:
+        click.echo(f"ximrun demo: wrote the demo job and sample images ({written} file(s)) "
+                   f"to {folder}")
+    else:
+        click.echo(f"ximrun demo: {folder} holds the demo already; running it again")
+    try:
+        ctx.invoke(run, job_file=str(job_file))
+        code: Any = ExitCode.OK
+    except SystemExit as exc:
+        code = exc.code
+    q_job, q_folder = shlex.quote(str(job_file)), shlex.quote(folder)
+    click.echo(f"ximrun demo: run it again: ximrun run {q_job}   (or: ximrun demo {q_folder})\n"
+               f"             inspect it:   ximrun status {q_job}   (also: plan, export)")
+    sys.exit(code)
 
 
 def entry(early_stop: threading.Event | None = None) -> None:

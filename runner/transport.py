@@ -127,7 +127,8 @@ def transport_error(exc: TransportError, timeout: tuple[float, float]) -> str:
 def pool_manager(endpoint_url: str, size: int, timeout: tuple[float, float],
                   proxy: str | None) -> urllib3.PoolManager:
     """Connections to the endpoint, shared by every thread, through `proxy` if any, with the CA
-    bundle REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE names, else certifi's, else the system's."""
+    bundle REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE names, else certifi's (a declared dependency:
+    the same trust store on every server, whatever the system has)."""
     kw: dict[str, Any] = {
         # `size` requests at once, and room for the account's GET beside them.
         "num_pools": 4, "maxsize": size + 2, "block": False, "retries": False,
@@ -135,14 +136,10 @@ def pool_manager(endpoint_url: str, size: int, timeout: tuple[float, float],
     }
     ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
     if not ca:
-        try:
-            import certifi
-        except ImportError:
-            ca = None  # the system's store, as the ssl module finds it
-        else:
-            ca = certifi.where()
-    if ca:
-        kw["ca_certs" if os.path.isfile(ca) else "ca_cert_dir"] = ca
+        import certifi
+
+        ca = certifi.where()
+    kw["ca_certs" if os.path.isfile(ca) else "ca_cert_dir"] = ca
     if proxy is None:
         return urllib3.PoolManager(**kw)
     parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")

@@ -2,6 +2,7 @@
 
 Deterministic for a given Pillow/pillow-heif; run once (`make sample-data`) and commit the output.
 After writing, it checks each file's verdict against the table below and writes sample_data/README.md.
+The same files go to runner/demo/sample_data/, the copy that ships in the package for `ximrun demo`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from PIL import Image, ImageDraw, ImageFont
 from runner.images import check_bytes
 from runner.job import ImagePolicy
 
-OUT = Path(__file__).resolve().parent.parent / "sample_data"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "sample_data"
+SHIPPED = ROOT / "runner" / "demo" / "sample_data"  # byte-identical, tests/test_demo.py checks
 W, H = 240, 336  # a 63 x 88 mm card, 5:7
 MAX_BYTES = 100_000
 
@@ -280,11 +283,13 @@ def verdict_text(data: bytes, policy: ImagePolicy) -> str:
 def main() -> int:
     pillow_heif.register_heif_opener()
     files = build()
-    OUT.mkdir(exist_ok=True)
+    for out in (OUT, SHIPPED):
+        out.mkdir(exist_ok=True)
     problems = []
     transcode = ImagePolicy(transcode=("avif", "heif", "jp2", "psd"))
     for name, data in files.items():
-        (OUT / name).write_bytes(data)
+        for out in (OUT, SHIPPED):
+            (out / name).write_bytes(data)
         if len(data) >= MAX_BYTES:
             problems.append(f"{name}: {len(data)} bytes, more than {MAX_BYTES}")
         got = verdict_text(data, ImagePolicy())
@@ -295,7 +300,8 @@ def main() -> int:
             got = verdict_text(data, transcode)
             if got != f"convert transcode:{fmt}":
                 problems.append(f"{name}: with transcode, got {got!r}")
-    (OUT / "README.md").write_text(readme(files), encoding="utf-8")
+    for out in (OUT, SHIPPED):
+        (out / "README.md").write_text(readme(files), encoding="utf-8")
     for name in sorted(files):
         print(f"{name:24s} {len(files[name]):7d}  {verdict_text(files[name], ImagePolicy())}")
     for p in problems:

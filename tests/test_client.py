@@ -785,3 +785,18 @@ def test_https_is_verified_against_the_ca_bundle_the_environment_names(tmp_path,
         out = fake_client(url, max_retries=1).submit_batch(records(1))
     assert out[0].reason.startswith("TLS failed") and "certificate verify failed" in out[0].reason
     assert out[0].final and out[0].attempts == 2
+
+
+def test_without_a_bundle_named_the_trust_store_is_certifis(monkeypatch):
+    """certifi is a declared dependency: the same CA store on every server, not the system's."""
+    import certifi
+
+    from runner.client import _pool_manager
+
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    pm = _pool_manager("https://api.example.com/v2/tag", 2, (1.0, 1.0), None)
+    assert pm.connection_pool_kw["ca_certs"] == certifi.where()
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/nonexistent/ca-dir")
+    pm = _pool_manager("https://api.example.com/v2/tag", 2, (1.0, 1.0), None)
+    assert pm.connection_pool_kw["ca_cert_dir"] == "/nonexistent/ca-dir"
