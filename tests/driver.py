@@ -8,7 +8,8 @@ from one another.
 - Job files: `write_job`, one keyword argument per table of the job file.
 - Images: `jpeg`, `png`, `bars_jpeg`, `make_images`.
 - The emulator: `sends`, `settle`.
-- The console script in a subprocess: `start`, `ximrun`, `Child`, `child_env`, `wait_for`.
+- The console script in a subprocess: `start`, `ximrun`, `Child`, `child_env`, `wait_for`,
+  and `CHILD_API` for the jobs it runs.
 - The state database as another process sees it: `integrity`, `db_count`.
 """
 
@@ -40,6 +41,10 @@ from runner.sandbox import LedgerEntry, Sandbox
 TOKEN = "test-token"
 REPO = Path(__file__).resolve().parent.parent
 PROC_TIMEOUT_S = 60  # a subprocess that takes longer than this hangs: the test kills it and fails
+# [api] keys for the jobs test_crash and test_signals run in a subprocess they kill or signal:
+# a generous timeout, and retries enough for the faults they inject. write_job(..., api=dict(
+# CHILD_API, batch_size=.., concurrency=..)).
+CHILD_API = {"timeout_s": 20, "max_retries": 5}
 
 # --- the CLI in-process --------------------------------------------------------------------------
 
