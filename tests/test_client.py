@@ -444,8 +444,13 @@ def test_retry_after_reads_seconds_and_http_dates():
 
 
 def test_retry_after_is_capped():
-    with sandbox() as sb, client_for(sb) as client:
-        assert client._delay(1, 3600.0) == ApiClient.RETRY_AFTER_CAP_S
+    # A 429 that asks for an hour: the client waits RETRY_AFTER_CAP_S before its retry.
+    sleeps = Sleeps()
+    with sandbox(p429=1.0, retry_after_s=3600) as sb, \
+            client_for(sb, sleep=sleeps, max_retries=1) as client:
+        out = client.submit_batch(records(1))
+    assert sleeps.delays == [ApiClient.RETRY_AFTER_CAP_S]
+    assert not out[0].ok and out[0].status == 429 and out[0].attempts == 2
 
 
 # --- account --------------------------------------------------------------------------------------
