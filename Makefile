@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench sample-data clean
+.PHONY: venv demo test test-fast lint bench sample-data clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,8 +21,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check runner tests bench scripts
 
+# `make test` runs every test, the slow ones too (marked `slow` in tests/, registered in
+# pyproject.toml); while iterating, `make test-fast` skips those: pytest -m "not slow".
 test: lint
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -38,6 +38,8 @@ from driver import (
 from runner.job import SandboxSettings
 from runner.sandbox import Sandbox
 
+pytestmark = pytest.mark.slow  # dozens of subprocesses, each killed with SIGKILL
+
 SEED = int(os.environ.get("XIMRUN_CRASH_SEED", "20260518"))
 PER_IMAGE = 10
 

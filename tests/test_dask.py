@@ -72,6 +72,7 @@ def rows(job_file: Path) -> dict[str, dict]:
     return out
 
 
+@pytest.mark.slow
 def test_same_job_gives_the_same_database_as_the_local_executor(tmp_path, cluster, s3_bucket,
                                                                 sample_data):
     objects = {f"in/{i:03d}.jpg": image(i) for i in range(40)}
@@ -97,6 +98,7 @@ def test_same_job_gives_the_same_database_as_the_local_executor(tmp_path, cluste
     assert sum(r["reused_from"] is not None for r in rb.values()) == a.reused
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_lost(tmp_path, cluster):
     folder = images(tmp_path / "imgs", 120)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=300)) as sb:
@@ -119,6 +121,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_lost(tmp_path, clust
     cluster.wait_for_workers(2, timeout=60)  # the nanny brought a new one
 
 
+@pytest.mark.slow
 def test_coordinator_killed_mid_run_then_rerun_completes(tmp_path):
     folder = images(tmp_path / "imgs", 100)
     db = tmp_path / "state" / "c.db"
@@ -144,6 +147,7 @@ def test_coordinator_killed_mid_run_then_rerun_completes(tmp_path):
     assert {r["state"] for r in rows(job).values()} == {"done"}
 
 
+@pytest.mark.slow
 def test_ctrl_c_reaching_the_local_workers_too_stops_cleanly_with_exit_4(tmp_path):
     folder = images(tmp_path / "imgs", 100)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=300)) as sb:
@@ -164,6 +168,7 @@ def test_ctrl_c_reaching_the_local_workers_too_stops_cleanly_with_exit_4(tmp_pat
     assert states["done"] and states["pending"] and set(states) == {"done", "pending"}
 
 
+@pytest.mark.slow
 def test_budget_holds_across_workers_with_the_dask_option(tmp_path, cluster):
     folder = images(tmp_path / "imgs", 40)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=50)) as sb:

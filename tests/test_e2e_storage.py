@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from driver import (
     TOKEN,
     export_rows,
@@ -67,6 +68,7 @@ SLOW = SandboxSettings(token=TOKEN, latency_ms=250)
 ONE_AT_A_TIME = {"batch_size": 10, "concurrency": 1}
 
 
+@pytest.mark.slow
 def test_object_deleted_between_listing_and_reading_fails_and_the_run_goes_on(tmp_path,
                                                                                s3_bucket):
     s3_bucket.put_many({f"p/{i:03d}.jpg": jpeg((i * 4, 80, 250 - i * 4)) for i in range(60)})
@@ -84,6 +86,7 @@ def test_object_deleted_between_listing_and_reading_fails_and_the_run_goes_on(tm
     assert row["credits"] == 0
 
 
+@pytest.mark.slow
 def test_a_slow_api_does_not_make_the_run_read_the_whole_listing_ahead(tmp_path):
     # Images wait in memory for a batch only up to a window; the rest of the listing is read as
     # batches leave. Files deleted after the first answer are therefore never read, nor sent.

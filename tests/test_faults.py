@@ -54,8 +54,8 @@ def check_ledger(sb: Sandbox, rows: dict[str, dict]) -> None:
 @pytest.mark.parametrize("faults", [
     dict(p429=0.3, retry_after_s=0.05),
     dict(p500=0.25, p502=0.1),
-    dict(pdrop=0.5),
-    dict(precord_retry=0.3),
+    pytest.param(dict(pdrop=0.5), marks=pytest.mark.slow),
+    pytest.param(dict(precord_retry=0.3), marks=pytest.mark.slow),
     dict(rate_limit_rps=20),
     dict(latency_ms=20, jitter_ms=30, p429=0.1, retry_after_s=0.05, p500=0.1, pdrop=0.1,
          precord_retry=0.1),

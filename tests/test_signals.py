@@ -47,6 +47,7 @@ def open_attempts(db: Path) -> int:
     return db_count(db, "SELECT count(*) FROM attempts WHERE closed_at IS NULL")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_records_the_batches_in_flight_and_exits_4(tmp_path, sig):
     make_images(tmp_path / "imgs", 80)
@@ -92,6 +93,7 @@ def catches(pid: int, sig: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_during_start_up_is_a_clean_exit_with_nothing_sent(tmp_path, sig):
@@ -121,6 +123,7 @@ def test_a_stop_signal_during_start_up_is_a_clean_exit_with_nothing_sent(tmp_pat
         assert len(sb.ledger()) == 6
 
 
+@pytest.mark.slow
 def test_a_second_sigint_leaves_at_once(tmp_path):
     make_images(tmp_path / "imgs", 8)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=8000)) as sb:
@@ -140,6 +143,7 @@ def test_a_second_sigint_leaves_at_once(tmp_path):
         assert all(r["state"] == "pending" for r in export_rows(job).values())
 
 
+@pytest.mark.slow
 def test_one_run_at_a_time_and_readers_work_meanwhile(tmp_path):
     make_images(tmp_path / "imgs", 60)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=200)) as sb:
@@ -170,6 +174,7 @@ def test_one_run_at_a_time_and_readers_work_meanwhile(tmp_path):
         assert ximrun(tmp_path, "run", str(job), "--limit", "1").proc.returncode == 3
 
 
+@pytest.mark.slow
 def test_under_cron_plain_progress_lines_even_while_a_request_hangs(tmp_path):
     make_images(tmp_path / "imgs", 6)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=3000)) as sb:
@@ -185,6 +190,7 @@ def test_under_cron_plain_progress_lines_even_while_a_request_hangs(tmp_path):
     assert "finished" in out and "done 6" in out
 
 
+@pytest.mark.slow
 def test_under_cron_a_faulty_run_is_short_enough_to_mail(tmp_path):
     make_images(tmp_path / "imgs", 200)
     with Sandbox(SandboxSettings(token=TOKEN, p500=0.05, p429=0.03, retry_after_s=0.05,
@@ -198,6 +204,7 @@ def test_under_cron_a_faulty_run_is_short_enough_to_mail(tmp_path):
     assert len(lines) <= 40, "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_on_a_terminal_a_progress_bar(tmp_path):
     make_images(tmp_path / "imgs", 20)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=20)) as sb:
@@ -253,6 +260,7 @@ def test_retry_puts_failed_images_back_by_reason(tmp_path):
         assert {e.record_id for e in sb.ledger()[before:]} == failed
 
 
+@pytest.mark.slow
 def test_the_token_is_in_no_artefact_of_a_run(tmp_path):
     token = "xr-" + secrets.token_hex(20)
     wrong = "xr-wrong-" + secrets.token_hex(12)
