@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DIST_STAMP := $(VENV)/.installed-dist
 
-.PHONY: venv demo test lint bench sample-data dist dist-check clean
+.PHONY: venv demo test test-fast lint bench sample-data dist dist-check clean
 
 # runner/__init__.py holds the version the installed metadata carries.
 $(STAMP): pyproject.toml runner/__init__.py
@@ -28,8 +28,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check runner tests bench scripts
 
+# `make test` runs every test, the slow ones too (marked `slow` in tests/, registered in
+# pyproject.toml); while iterating, `make test-fast` skips those: pytest -m "not slow".
 test: lint
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from driver import TOKEN  # noqa: E402
 from s3server import s3_bucket, s3_endpoint  # noqa: E402,F401
 
 from runner.job import SandboxSettings  # noqa: E402
@@ -21,7 +22,7 @@ SAMPLE_DATA = REPO / "sample_data"
 @pytest.fixture
 def sandbox():
     """A fault-free emulator; tests that want faults build their own Sandbox(SandboxSettings(...))."""
-    with Sandbox(SandboxSettings(token="test-token")) as sb:
+    with Sandbox(SandboxSettings(token=TOKEN)) as sb:
         yield sb
 
 

@@ -10,37 +10,20 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_driver import TOKEN, export, invoke, jpeg
+from driver import (
+    TOKEN,
+    export_rows,
+    invoke,
+    jpeg,
+    plan_json,
+    run_json,
+    sends,
+    status_json,
+    write_job,
+)
 
 from runner.job import SandboxSettings
 from runner.sandbox import Sandbox
-
-
-def write_job(tmp: Path, sb: Sandbox, src: Path | str, extra: str = "", name: str = "t",
-              api_extra: str = "") -> Path:
-    job = tmp / f"{name}.toml"
-    job.write_text(f'''
-name = "{name}"
-[source]
-paths = ["{src}"]
-exclude = ["*.md"]
-[api]
-endpoint = "{sb.endpoint_url()}"
-{"" if "max_retries" in api_extra else "max_retries = 2"}
-{api_extra}
-[state]
-db = "state/{name}.db"
-{extra}
-''')
-    return job
-
-
-
-
-
-
-def sent_ids(sb: Sandbox) -> list[str]:
-    return [e.record_id for e in sb.ledger()]
 
 
 @pytest.fixture
@@ -54,11 +37,9 @@ def folder(tmp_path: Path) -> Path:
 
 
 def test_sample_data_every_format_row_ends_in_the_right_state(tmp_path, sandbox, sample_data):
-    job = write_job(tmp_path, sandbox, sample_data)
-    res = invoke("run", str(job), "--json")
-    summary = json.loads(res.stdout)
-    rows = export(job)
-    assert res.exit_code == 0, res.output
+    job = write_job(tmp_path, sandbox, sample_data, exclude=["*.md"])
+    summary = run_json(job)
+    rows = export_rows(job)
     by_name = {Path(k).name: r for k, r in rows.items()}
     for name, row in by_name.items():
         if name.startswith("reject_"):
@@ -71,7 +52,7 @@ def test_sample_data_every_format_row_ends_in_the_right_state(tmp_path, sandbox,
             assert row["state"] == "done", (name, row)
             assert row["result"]["_status"]["code"] == 200
     # nothing rejected was ever sent, nothing rejected was billed
-    sent = set(sent_ids(sandbox))
+    sent = set(sends(sandbox))
     assert not {k for k, r in rows.items() if r["state"] == "rejected"} & sent
     assert all(r["credits"] == 0 for r in rows.values() if r["state"] == "rejected")
     assert summary["rejected"] == sum(r["state"] == "rejected" for r in rows.values())
@@ -83,10 +64,8 @@ def test_rerun_sends_nothing_that_is_done(tmp_path, sandbox, folder):
     assert first.exit_code == 0, first.output
     n = len(sandbox.ledger())
     assert n == 3
-    second = invoke("run", str(job), "--json")
-    assert second.exit_code == 0
+    s = run_json(job)
     assert len(sandbox.ledger()) == n
-    s = json.loads(second.stdout)
     assert s["unchanged"] == 4 and s["sent"] == 0 and s["credits"] == 0
 
 
@@ -95,7 +74,7 @@ def test_changed_file_is_sent_again_and_plan_says_so(tmp_path, sandbox, folder):
     assert invoke("run", str(job)).exit_code == 0
     (folder / "card0.jpg").write_bytes(jpeg((10, 10, 10), size=(80, 60)))
     (folder / "new.jpg").write_bytes(jpeg((90, 90, 10)))
-    plan = json.loads(invoke("plan", str(job), "--json").stdout)
+    plan = plan_json(job)
     assert (plan["new"], plan["changed"], plan["unchanged"]) == (1, 1, 3)
     assert plan["credits"] == 20
     before = len(sandbox.ledger())
@@ -104,11 +83,11 @@ def test_changed_file_is_sent_again_and_plan_says_so(tmp_path, sandbox, folder):
 
 
 def test_changing_fields_sends_again(tmp_path, sandbox, folder):
-    job = write_job(tmp_path, sandbox, folder, api_extra='fields = { lang = "en" }')
+    job = write_job(tmp_path, sandbox, folder, api={"fields": {"lang": "en"}})
     assert invoke("run", str(job)).exit_code == 0
-    job2 = write_job(tmp_path, sandbox, folder, api_extra='fields = { lang = "de" }')
+    job2 = write_job(tmp_path, sandbox, folder, api={"fields": {"lang": "de"}})
     assert job2 == job
-    plan = json.loads(invoke("plan", str(job), "--json").stdout)
+    plan = plan_json(job)
     assert plan["changed_request"] == 3
     assert invoke("run", str(job)).exit_code == 0
     assert len(sandbox.ledger()) == 6
@@ -118,24 +97,23 @@ def test_duplicates_are_sent_once_and_reused(tmp_path, sandbox, folder):
     for i in range(3):
         shutil.copy(folder / "card0.jpg", folder / f"sku-{i}.jpg")
     job = write_job(tmp_path, sandbox, folder)
-    plan = json.loads(invoke("plan", str(job), "--json").stdout)
+    plan = plan_json(job)
     assert plan["sent"] == 3 and plan["reused"] == 3 and plan["credits"] == 30
-    res = invoke("run", str(job), "--json")
-    assert res.exit_code == 0
+    run_json(job)
     assert len(sandbox.ledger()) == 3
-    rows = export(job)
+    rows = export_rows(job)
     same = [r for k, r in rows.items() if "sku-" in k or k.endswith("card0.jpg")]
     assert all(r["state"] == "done" for r in same)
     paid = [r for r in same if r["credits"] == 10 and r["reused_from"] is None]
     free = [r for r in same if r["credits"] == 0 and r["reused_from"] == paid[0]["key"]]
     assert len(paid) == 1 and len(free) == 3
-    st = json.loads(invoke("status", str(job), "--json").stdout)
+    st = status_json(job)
     assert st["reused"] == 3 and st["credits"]["saved_by_reuse"] == 30
 
 
 def test_reuse_false_sends_every_copy(tmp_path, sandbox, folder):
     shutil.copy(folder / "card0.jpg", folder / "sku.jpg")
-    job = write_job(tmp_path, sandbox, folder, extra="[credits]\nreuse = false")
+    job = write_job(tmp_path, sandbox, folder, credits={"reuse": False})
     assert invoke("run", str(job)).exit_code == 0
     assert len(sandbox.ledger()) == 4
 
@@ -157,9 +135,8 @@ def test_bad_job_file_exits_2_naming_the_key_and_sends_nothing(tmp_path, sandbox
 
 
 def test_missing_token_variable_exits_2(tmp_path, folder):
-    job = tmp_path / "j.toml"
-    job.write_text(f'name = "j"\n[source]\npaths = ["{folder}"]\n[api]\n'
-                   'endpoint = "http://127.0.0.1:9/x"\ntoken_env = "NO_SUCH_VAR_XR"\n')
+    job = write_job(tmp_path, "http://127.0.0.1:9/x", folder, name="j",
+                    api={"token_env": "NO_SUCH_VAR_XR"})
     res = invoke("run", str(job))
     assert res.exit_code == 2 and "NO_SUCH_VAR_XR" in res.output
 
@@ -180,7 +157,7 @@ def test_refused_records_fail_and_exit_1(tmp_path, folder):
         job = write_job(tmp_path, sb, folder)
         res = invoke("run", str(job))
         assert res.exit_code == 1, res.output
-        rows = export(job)
+        rows = export_rows(job)
         failed = [r for r in rows.values() if r["state"] == "failed"]
         assert len(failed) == 3 and all("400" in r["reason"] for r in failed)
         # a rerun does not resend failed images; retry puts them back
@@ -196,26 +173,21 @@ def test_refused_records_fail_and_exit_1(tmp_path, folder):
 def test_budget_stops_with_exit_3_and_the_next_run_continues(tmp_path, sandbox, folder):
     for i in range(7):
         (folder / f"more{i}.jpg").write_bytes(jpeg((i * 30, 100, 50)))
-    job = write_job(tmp_path, sandbox, folder, api_extra="batch_size = 4",
-                    extra="[credits]\nbudget = 50")
-    res = invoke("run", str(job), "--json")
-    assert res.exit_code == 3, res.output
-    s = json.loads(res.stdout)
+    job = write_job(tmp_path, sandbox, folder, api={"batch_size": 4}, credits={"budget": 50})
+    s = run_json(job, exit_code=3)
     assert s["credits"] <= 50 and s["pending"] > 0
-    st = json.loads(invoke("status", str(job), "--json").stdout)
+    st = status_json(job)
     assert st["credits"]["recorded"] <= 50
     assert sum(e.billed for e in sandbox.ledger()) * 10 <= 50
     res = invoke("run", str(job), "--budget", "1000")
     assert res.exit_code == 0, res.output
-    st = json.loads(invoke("status", str(job), "--json").stdout)
+    st = status_json(job)
     assert st["states"]["done"] == 10 and st["states"]["pending"] == 0
 
 
 def test_limit_stops_with_exit_3(tmp_path, sandbox, folder):
     job = write_job(tmp_path, sandbox, folder)
-    res = invoke("run", str(job), "--limit", "2", "--json")
-    assert res.exit_code == 3, res.output
-    assert json.loads(res.stdout)["pending"] == 2
+    assert run_json(job, "--limit", "2", exit_code=3)["pending"] == 2
     assert invoke("run", str(job)).exit_code == 0
 
 
@@ -238,7 +210,7 @@ def test_second_run_of_the_same_database_exits_75(tmp_path, sandbox, folder):
 def test_status_and_export_formats(tmp_path, sandbox, folder):
     job = write_job(tmp_path, sandbox, folder)
     invoke("run", str(job))
-    st = json.loads(invoke("status", str(job), "--json").stdout)
+    st = status_json(job)
     assert st["states"] == {"pending": 0, "done": 3, "failed": 0, "rejected": 1}
     assert st["credits"]["recorded"] == 30
     assert st["runs"][0]["status"] == "finished"
@@ -252,8 +224,8 @@ def test_status_and_export_formats(tmp_path, sandbox, folder):
     assert {r["state"] for r in rows} == {"done", "rejected"}
     done = [r for r in rows if r["state"] == "done"]
     assert json.loads(done[0]["result"])["_status"]["code"] == 200
-    rejected = invoke("export", str(job), "--state", "rejected").output.splitlines()
-    assert len(rejected) == 1 and json.loads(rejected[0])["reason"] == "not_an_image"
+    rejected = list(export_rows(job, "--state", "rejected").values())
+    assert len(rejected) == 1 and rejected[0]["reason"] == "not_an_image"
 
 
 def test_check_prints_a_verdict_per_file(sample_data):
@@ -273,9 +245,8 @@ def test_check_prints_a_verdict_per_file(sample_data):
 def test_demo_job_runs_against_the_embedded_sandbox_even_with_a_proxy_set(tmp_path, sample_data):
     # The emulator lives in the run's own process: a proxy the environment names (here one
     # that does not exist) is not for it.
-    job = tmp_path / "demo.toml"
-    job.write_text(f'name = "demo"\n[source]\npaths = ["{sample_data}"]\nexclude = ["*.md"]\n'
-                   '[api]\nendpoint = "sandbox"\n[state]\ndb = "demo.db"\n')
+    job = write_job(tmp_path, "sandbox", sample_data, name="demo", exclude=["*.md"],
+                    db="demo.db")
     dead = "http://127.0.0.1:9"
     res = invoke("run", str(job), env={"XIMILAR_TOKEN": "", "http_proxy": dead, "HTTP_PROXY": dead,
                                        "no_proxy": None, "NO_PROXY": None})
@@ -300,19 +271,16 @@ def test_touched_file_with_the_same_bytes_is_not_paid_again(tmp_path, sandbox, f
     p = folder / "card1.jpg"
     st = p.stat()
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    plan = json.loads(invoke("plan", str(job), "--json").stdout)
+    plan = plan_json(job)
     assert plan["changed"] == 1 and plan["credits"] == 0 and plan["reused"] == 1
-    res = invoke("run", str(job), "--json")
-    assert res.exit_code == 0
+    run_json(job)
     assert len(sandbox.ledger()) == 3
-    row = export(job)[str(p)]
+    row = export_rows(job)[str(p)]
     assert row["state"] == "done" and row["result"]["_status"]["code"] == 200
 
 
 def test_a_missing_root_is_refused_before_anything_is_sent(tmp_path, sandbox, folder):
-    job = tmp_path / "j.toml"
-    job.write_text(f'name = "j"\n[source]\npaths = ["{folder}", "{tmp_path}/nope/"]\n'
-                   f'[api]\nendpoint = "{sandbox.endpoint_url()}"\n')
+    job = write_job(tmp_path, sandbox, [folder, f"{tmp_path}/nope/"], name="j")
     res = invoke("run", str(job))
     assert res.exit_code == 2 and "nope" in res.output
     assert sandbox.ledger() == []

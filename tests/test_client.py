@@ -444,8 +444,13 @@ def test_retry_after_reads_seconds_and_http_dates():
 
 
 def test_retry_after_is_capped():
-    with sandbox() as sb, client_for(sb) as client:
-        assert client._delay(1, 3600.0) == ApiClient.RETRY_AFTER_CAP_S
+    # A 429 that asks for an hour: the client waits RETRY_AFTER_CAP_S before its retry.
+    sleeps = Sleeps()
+    with sandbox(p429=1.0, retry_after_s=3600) as sb, \
+            client_for(sb, sleep=sleeps, max_retries=1) as client:
+        out = client.submit_batch(records(1))
+    assert sleeps.delays == [ApiClient.RETRY_AFTER_CAP_S]
+    assert not out[0].ok and out[0].status == 429 and out[0].attempts == 2
 
 
 # --- account --------------------------------------------------------------------------------------
@@ -791,12 +796,12 @@ def test_without_a_bundle_named_the_trust_store_is_certifis(monkeypatch):
     """certifi is a declared dependency: the same CA store on every server, not the system's."""
     import certifi
 
-    from runner.client import _pool_manager
+    from runner.transport import pool_manager
 
     monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
-    pm = _pool_manager("https://api.example.com/v2/tag", 2, (1.0, 1.0), None)
+    pm = pool_manager("https://api.example.com/v2/tag", 2, (1.0, 1.0), None)
     assert pm.connection_pool_kw["ca_certs"] == certifi.where()
     monkeypatch.setenv("CURL_CA_BUNDLE", "/nonexistent/ca-dir")
-    pm = _pool_manager("https://api.example.com/v2/tag", 2, (1.0, 1.0), None)
+    pm = pool_manager("https://api.example.com/v2/tag", 2, (1.0, 1.0), None)
     assert pm.connection_pool_kw["ca_cert_dir"] == "/nonexistent/ca-dir"

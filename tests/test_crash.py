@@ -10,169 +10,38 @@ The kill moments come from one seed (XIMRUN_CRASH_SEED replays a failure).
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import random
-import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from PIL import Image
-from test_cli import invoke
+from driver import (
+    CHILD_API,
+    TOKEN,
+    export_rows,
+    integrity,
+    make_images,
+    settle,
+    start,
+    status_json,
+    wait_for,
+    write_job,
+    ximrun,
+)
 
 from runner.job import SandboxSettings
-from runner.sandbox import LedgerEntry, Sandbox
+from runner.sandbox import Sandbox
 
-REPO = Path(__file__).resolve().parent.parent
-TOKEN = "test-token"
+pytestmark = pytest.mark.slow  # dozens of subprocesses, each killed with SIGKILL
+
 SEED = int(os.environ.get("XIMRUN_CRASH_SEED", "20260518"))
 PER_IMAGE = 10
-PROC_TIMEOUT_S = 60  # a run that takes longer than this hangs: the test kills it and fails
-
-
-# --- helpers shared with test_signals.py ---------------------------------------------------------
-
-def make_images(folder: Path, n: int) -> list[Path]:
-    """n small JPEGs with distinct bytes (the index is painted into the pixels)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths, digests = [], set()
-    for i in range(n):
-        img = Image.new("RGB", (32, 16), (40, 90, 160))
-        for bit in range(16):  # one black or white 2x8 bar per bit survives JPEG's rounding
-            if i >> bit & 1:
-                img.paste((255, 255, 255), (2 * bit, 0, 2 * bit + 2, 8))
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=90)
-        digests.add(hashlib.sha256(buf.getvalue()).digest())
-        p = folder / f"img{i:04d}.jpg"
-        p.write_bytes(buf.getvalue())
-        paths.append(p)
-    assert len(digests) == n, "the generated images must all differ"
-    return paths
-
-
-def write_job(tmp: Path, endpoint: str, src: Path, *, batch_size: int, concurrency: int,
-              extra: str = "", name: str = "crash") -> Path:
-    job = tmp / f"{name}.toml"
-    job.write_text(f'''
-name = "{name}"
-[source]
-paths = ["{src}"]
-[api]
-endpoint = "{endpoint}"
-batch_size = {batch_size}
-concurrency = {concurrency}
-timeout_s = 20
-max_retries = 5
-[credits]
-per_image = {PER_IMAGE}
-[state]
-db = "state/{name}.db"
-{extra}
-''')
-    return job
-
-
-def child_env(token: str = TOKEN, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XIMRUN_")}
-    env.update(XIMILAR_TOKEN=token, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-@dataclass
-class Child:
-    """`python -m runner ...` in a subprocess, its output in files (never a pipe that can fill)."""
-
-    proc: subprocess.Popen
-    out: Path
-    err: Path
-
-    def wait(self, timeout: float = PROC_TIMEOUT_S) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"ximrun did not exit within {timeout}s: it hangs\n{self.output()}")
-
-    @property
-    def stdout(self) -> str:
-        return self.out.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def output(self) -> str:
-        return f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
-
-
-def start(tmp: Path, *args: str, env: dict[str, str] | None = None, tag: str = "run",
-          **popen) -> Child:
-    n = len(list(tmp.glob(f"{tag}-*.out")))
-    out, err = tmp / f"{tag}-{n}.out", tmp / f"{tag}-{n}.err"
-    with out.open("wb") as fo, err.open("wb") as fe:
-        kw = {"stderr": fe, **popen}
-        proc = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=tmp,
-                                env=env or child_env(), stdout=fo, stdin=subprocess.DEVNULL,
-                                **kw)
-    return Child(proc, out, err)
-
-
-def ximrun(tmp: Path, *args: str, env: dict[str, str] | None = None, tag: str = "cmd") -> Child:
-    c = start(tmp, *args, env=env, tag=tag)
-    c.wait()
-    return c
-
-
-def integrity(db: Path, scratch: Path) -> str:
-    """integrity_check on a copy of the files as the kill left them (the original is untouched)."""
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    for suffix in ("", "-wal"):
-        f = db.with_name(db.name + suffix)
-        if f.exists():
-            shutil.copy(f, scratch / f.name)
-    conn = sqlite3.connect(scratch / db.name)
-    try:
-        return conn.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        conn.close()
-
-
-def settle(sb: Sandbox, timeout: float = 15) -> list[LedgerEntry]:
-    """Wait until the emulator has finished every request of a killed client; returns the ledger.
-
-    The server tracks its open connections; once the client is dead, each one closes as soon as
-    its request is answered (or found cut short), so an empty set means the ledger is complete.
-    """
-    deadline = time.monotonic() + timeout
-    while sb._server is not None and sb._server._connections:  # noqa: SLF001 (the tests' view)
-        if time.monotonic() > deadline:
-            pytest.fail("the emulator still serves a killed client's requests")
-        time.sleep(0.01)
-    return sb.ledger()
-
-
-def export_rows(job: Path) -> dict[str, dict]:
-    res = invoke("export", str(job))
-    assert res.exit_code == 0, res.output
-    return {row["key"]: row for row in map(json.loads, res.output.splitlines())}
-
-
-def status_json(job: Path) -> dict:
-    res = invoke("status", str(job), "--json")
-    assert res.exit_code == 0, res.output
-    return json.loads(res.stdout)
 
 
 def attempts_per_key(db: Path) -> Counter[str]:
@@ -182,16 +51,6 @@ def attempts_per_key(db: Path) -> Counter[str]:
                        for k in json.loads(keys))
     finally:
         conn.close()
-
-
-def wait_for(cond, what: str, child: Child | None = None, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if child is not None and child.proc.poll() is not None:
-            pytest.fail(f"ximrun exited ({child.proc.returncode}) before {what}\n{child.output()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # --- the kill -9 test ----------------------------------------------------------------------------
@@ -289,8 +148,9 @@ def test_kill_9_at_random_instants_loses_nothing_and_pays_only_for_flight(tmp_pa
     keys = {str(p) for p in paths}
     settings = SandboxSettings(token=TOKEN, latency_ms=30, jitter_ms=50, seed=SEED)
     with Sandbox(settings) as sb:
-        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=bs,
-                        concurrency=conc)
+        job = write_job(tmp_path, sb, tmp_path / "imgs", name="crash",
+                        api=dict(CHILD_API, batch_size=bs, concurrency=conc),
+                        credits={"per_image": PER_IMAGE})
         db = tmp_path / "state" / "crash.db"
         lives = kill_many_times(tmp_path, sb, job, db, kills=kills, seed=SEED, max_growth=10)
         final = start(tmp_path, "run", str(job), "--json", tag="final")
@@ -335,8 +195,9 @@ def test_kill_9_with_api_faults_still_ends_consistent(tmp_path):
     settings = SandboxSettings(token=TOKEN, latency_ms=30, jitter_ms=50, p500=0.05, pdrop=0.05,
                                seed=seed)
     with Sandbox(settings) as sb:
-        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=bs,
-                        concurrency=conc)
+        job = write_job(tmp_path, sb, tmp_path / "imgs", name="crash",
+                        api=dict(CHILD_API, batch_size=bs, concurrency=conc),
+                        credits={"per_image": PER_IMAGE})
         db = tmp_path / "state" / "crash.db"
         lives = kill_many_times(tmp_path, sb, job, db, kills=kills, seed=seed, max_growth=12)
         final = start(tmp_path, "run", str(job), tag="final")

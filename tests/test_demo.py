@@ -6,7 +6,7 @@ import dataclasses
 from importlib.resources import files
 from pathlib import Path
 
-from cli_driver import invoke
+from driver import invoke
 
 from runner.demo import shipped
 from runner.job import load_job

@@ -4,44 +4,15 @@ local folders and moto's S3 server; the emulator's ledger says what was really s
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from cli_driver import export, invoke, jpeg, plan_json, status
+from driver import export_rows, jpeg, plan_json, run_json, status_json, write_job
 
-from runner.sandbox import Sandbox
-
-
-def write_job(tmp: Path, sb: Sandbox, paths: list[str], *, name: str = "r", db: str = "state.db",
-              bucket=None, path: str | None = None, extra: str = "") -> Path:
-    """A job file; jobs written with the same `db` share one state database."""
-    options = ""
-    if bucket is not None:
-        options = "[source.storage_options]\n" + "\n".join(
-            f"{k} = {json.dumps(v)}" for k, v in bucket.storage_options.items())
-    endpoint = sb.endpoint_url(path) if path else sb.endpoint_url()
-    job = tmp / f"{name}.toml"
-    job.write_text(f'name = "{name}"\n[source]\npaths = {json.dumps(paths)}\n{options}\n'
-                   f'[api]\nendpoint = "{endpoint}"\nmax_retries = 2\n'
-                   f'[state]\ndb = "{db}"\n{extra}\n')
-    return job
-
-
-def run_json(job: Path) -> dict:
-    res = invoke("run", str(job), "--json")
-    assert res.exit_code == 0, res.output
-    return json.loads(res.stdout)
-
-
-
-
-
-
-
+DB = "state.db"  # every job here shares one state database
 
 RED, GREEN, BLUE, GREY = (jpeg(c) for c in [(200, 20, 20), (20, 200, 20), (20, 20, 200),
                                             (90, 90, 90)])
@@ -62,7 +33,8 @@ def folder(tmp_path: Path) -> Path:
 def test_one_request_record_per_distinct_content_across_a_folder_and_s3(tmp_path, sandbox,
                                                                         folder, s3_bucket):
     s3_bucket.put_many({"x/red.jpg": RED, "x/blue again.jpg": BLUE, "x/grey.jpg": GREY})
-    job = write_job(tmp_path, sandbox, [str(folder), s3_bucket.url("x/")], bucket=s3_bucket)
+    job = write_job(tmp_path, sandbox, [folder, s3_bucket.url("x/")], db=DB,
+                    storage_options=s3_bucket.storage_options)
 
     plan = plan_json(job)
     s = run_json(job)
@@ -72,21 +44,21 @@ def test_one_request_record_per_distinct_content_across_a_folder_and_s3(tmp_path
         {_sha(RED): 1, _sha(GREEN): 1, _sha(BLUE): 1, _sha(GREY): 1})
     assert (s["listed"], s["sent"], s["done"], s["reused"]) == (8, 4, 8, 4)
     assert s["credits"] == plan["credits"] == 40 and s["credits_saved"] == 40
-    rows = export(job)
+    rows = export_rows(job)
     for content in (RED, BLUE):
         copies = [r for r in rows.values() if r["content_hash"] == _sha(content)]
         paid = [r for r in copies if r["reused_from"] is None]
         assert len(paid) == 1 and paid[0]["credits"] == 10
         assert all(r["state"] == "done" and r["credits"] == 0 and r["reused_from"] == paid[0]["key"]
                    and r["result"] == paid[0]["result"] for r in copies if r is not paid[0])
-    st = status(job)
+    st = status_json(job)
     assert st["reused"] == 4
     assert (st["credits"]["recorded"], st["credits"]["saved_by_reuse"]) == (40, 40)
 
 
 def test_a_second_job_on_the_same_database_sends_nothing_for_known_bytes(tmp_path, sandbox,
                                                                          folder):
-    first = write_job(tmp_path, sandbox, [str(folder)], name="first")
+    first = write_job(tmp_path, sandbox, folder, name="first", db=DB)
     run_json(first)
     sent_before = len(sandbox.ledger())
     other = tmp_path / "other"
@@ -94,7 +66,7 @@ def test_a_second_job_on_the_same_database_sends_nothing_for_known_bytes(tmp_pat
     shutil.copy(folder / "red.jpg", other / "r.jpg")
     shutil.copy(folder / "blue.jpg", other / "b.jpg")
     (other / "grey.jpg").write_bytes(GREY)
-    second = write_job(tmp_path, sandbox, [str(other)], name="second")
+    second = write_job(tmp_path, sandbox, other, name="second", db=DB)
 
     plan = plan_json(second)
     s = run_json(second)
@@ -102,24 +74,25 @@ def test_a_second_job_on_the_same_database_sends_nothing_for_known_bytes(tmp_pat
     assert (plan["reused"], plan["sent"], plan["credits"]) == (2, 1, 10)
     assert [e.content_sha256 for e in sandbox.ledger()[sent_before:]] == [_sha(GREY)]
     assert (s["reused"], s["credits"], s["credits_saved"]) == (2, 10, 20)
-    paid_red = [k for k, r in export(first).items()
+    paid_red = [k for k, r in export_rows(first).items()
                 if r["content_hash"] == _sha(RED) and r["reused_from"] is None]
-    r_jpg = export(second)[str(other / "r.jpg")]
+    r_jpg = export_rows(second)[str(other / "r.jpg")]
     assert r_jpg["reused_from"] == paid_red[0] and r_jpg["credits"] == 0
-    st = status(second)
+    st = status_json(second)
     assert st["reused"] == 2
     assert st["credits"]["recorded"] == 10 and st["credits"]["saved_by_reuse"] == 20
-    assert status(first)["credits"]["recorded"] == 30  # the first job's figures are its own
+    assert status_json(first)["credits"]["recorded"] == 30  # the first job's figures are its own
 
 
-@pytest.mark.parametrize("change", [
-    {"path": "collectibles/v2/sport_id"},
-    {"extra": '[api.fields]\nlang = "de"'},
+@pytest.mark.parametrize("path,api", [
+    ("collectibles/v2/sport_id", {}),
+    (None, {"fields": {"lang": "de"}}),
 ], ids=["endpoint path", "fields"])
-def test_another_request_sends_known_bytes_again(tmp_path, sandbox, folder, change):
-    run_json(write_job(tmp_path, sandbox, [str(folder)], name="first"))
+def test_another_request_sends_known_bytes_again(tmp_path, sandbox, folder, path, api):
+    run_json(write_job(tmp_path, sandbox, folder, name="first", db=DB))
     assert len(sandbox.ledger()) == 3
-    second = write_job(tmp_path, sandbox, [str(folder)], name="second", **change)
+    endpoint = sandbox.endpoint_url(path) if path else sandbox
+    second = write_job(tmp_path, endpoint, folder, name="second", db=DB, api=api)
 
     assert plan_json(second)["credits"] == 30
     s = run_json(second)
@@ -131,8 +104,8 @@ def test_another_request_sends_known_bytes_again(tmp_path, sandbox, folder, chan
 
 def test_reuse_false_sends_every_copy_local_and_s3(tmp_path, sandbox, folder, s3_bucket):
     s3_bucket.put("x/red.jpg", RED)
-    job = write_job(tmp_path, sandbox, [str(folder), s3_bucket.url("x/")], bucket=s3_bucket,
-                    extra="[credits]\nreuse = false")
+    job = write_job(tmp_path, sandbox, [folder, s3_bucket.url("x/")], db=DB,
+                    storage_options=s3_bucket.storage_options, credits={"reuse": False})
 
     plan = plan_json(job)
     s = run_json(job)
@@ -140,11 +113,11 @@ def test_reuse_false_sends_every_copy_local_and_s3(tmp_path, sandbox, folder, s3
     assert Counter(e.content_sha256 for e in sandbox.ledger())[_sha(RED)] == 4
     assert len(sandbox.ledger()) == 6
     assert s["credits"] == plan["credits"] == 60 and s["reused"] == 0
-    assert all(r["reused_from"] is None and r["credits"] == 10 for r in export(job).values())
+    assert all(r["reused_from"] is None and r["credits"] == 10 for r in export_rows(job).values())
 
 
 def test_plan_credits_are_what_the_run_charges(tmp_path, sandbox, folder, sample_data):
-    run_json(write_job(tmp_path, sandbox, [str(folder / "green.jpg")], name="earlier"))
+    run_json(write_job(tmp_path, sandbox, folder / "green.jpg", name="earlier", db=DB))
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     for i in range(4):  # new
@@ -156,7 +129,7 @@ def test_plan_credits_are_what_the_run_charges(tmp_path, sandbox, folder, sample
     for name in ("broken_truncated.jpg", "broken_text.jpg", "reject_avif.avif", "anim.gif"):
         shutil.copy(sample_data / name, mixed / name)
     shutil.copy(sample_data / "anim.gif", mixed / "anim-copy.gif")  # converted, then duplicate
-    job = write_job(tmp_path, sandbox, [str(mixed)], name="mixed")
+    job = write_job(tmp_path, sandbox, mixed, name="mixed", db=DB)
     billed_before = sum(e.billed for e in sandbox.ledger())
 
     plan = plan_json(job)
@@ -167,12 +140,12 @@ def test_plan_credits_are_what_the_run_charges(tmp_path, sandbox, folder, sample
     for key in ("sent", "reused", "rejected", "credits_saved", "new"):
         assert plan[key] == s[key], key
     assert plan["rejected_reasons"] == s["rejected_reasons"]
-    assert status(job)["credits"]["recorded"] == plan["credits"]
+    assert status_json(job)["credits"]["recorded"] == plan["credits"]
     assert plan_json(job)["credits"] == 0
 
 
 def test_an_unchanged_file_is_not_read_again(tmp_path, sandbox, folder):
-    job = write_job(tmp_path, sandbox, [str(folder)])
+    job = write_job(tmp_path, sandbox, folder, db=DB)
     run_json(job)
     sent = len(sandbox.ledger())
     # Same size and modification time, other bytes: garbage that would be rejected if it were
@@ -188,7 +161,7 @@ def test_an_unchanged_file_is_not_read_again(tmp_path, sandbox, folder):
     assert (plan["unchanged"], plan["rejected"], plan["credits"]) == (5, 0, 0)
     assert (s["unchanged"], s["rejected"], s["sent"]) == (5, 0, 0)
     assert len(sandbox.ledger()) == sent
-    row = export(job)[str(target)]
+    row = export_rows(job)[str(target)]
     assert row["state"] == "done" and row["result"]["_status"]["code"] == 200
 
 
@@ -198,7 +171,7 @@ def _sha(data: bytes) -> str:
 
 def test_an_answer_stays_reusable_after_the_image_that_paid_for_it_changed(tmp_path, sandbox,
                                                                            folder):
-    job = write_job(tmp_path, sandbox, [str(folder)])
+    job = write_job(tmp_path, sandbox, folder, db=DB)
     run_json(job)
     (folder / "red.jpg").write_bytes(GREY)  # the paid copy of the red bytes now holds others
     assert run_json(job)["credits"] == 10
@@ -210,6 +183,6 @@ def test_an_answer_stays_reusable_after_the_image_that_paid_for_it_changed(tmp_p
     assert (plan["reused"], plan["credits"]) == (1, 0)
     assert (s["reused"], s["credits"]) == (1, 0)
     assert Counter(e.content_sha256 for e in sandbox.ledger())[_sha(RED)] == 1
-    row = export(job)[str(folder / "late red.jpg")]
+    row = export_rows(job)[str(folder / "late red.jpg")]
     assert row["state"] == "done" and row["credits"] == 0
-    assert row["result"] == export(job)[str(folder / "red copy.jpg")]["result"]
+    assert row["result"] == export_rows(job)[str(folder / "red copy.jpg")]["result"]

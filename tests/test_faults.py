@@ -7,25 +7,31 @@ was lost, and credits recorded equal to what was answered.
 
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from PIL import Image
-from test_cli import TOKEN, export, invoke, write_job
+from driver import (
+    TOKEN,
+    export_rows,
+    invoke,
+    jpeg,
+    make_images,
+    run_json,
+    sends,
+    status_json,
+    write_job,
+)
 
 from runner.job import SandboxSettings
 from runner.sandbox import Sandbox
 
 
-def make_images(folder: Path, n: int, size=(48, 40)) -> None:
-    folder.mkdir(exist_ok=True)
-    for i in range(n):
-        buf = io.BytesIO()
-        Image.new("RGB", size, (i * 7 % 256, i * 13 % 256, i * 29 % 256)).save(buf, "JPEG")
-        (folder / f"img{i:03d}.jpg").write_bytes(buf.getvalue())
+def coloured_images(folder: Path, n: int, size=(48, 40)) -> None:
+    """img000.jpg ...: n JPEGs of one colour each (the emulator's seeded faults follow the bytes)."""
+    make_images(folder, n, name="img{:03d}.jpg",
+                image=lambda i: jpeg((i * 7 % 256, i * 13 % 256, i * 29 % 256), size))
 
 
 def check_ledger(sb: Sandbox, rows: dict[str, dict]) -> None:
@@ -48,24 +54,23 @@ def check_ledger(sb: Sandbox, rows: dict[str, dict]) -> None:
 @pytest.mark.parametrize("faults", [
     dict(p429=0.3, retry_after_s=0.05),
     dict(p500=0.25, p502=0.1),
-    dict(pdrop=0.5),
-    dict(precord_retry=0.3),
+    pytest.param(dict(pdrop=0.5), marks=pytest.mark.slow),
+    pytest.param(dict(precord_retry=0.3), marks=pytest.mark.slow),
     dict(rate_limit_rps=20),
     dict(latency_ms=20, jitter_ms=30, p429=0.1, retry_after_s=0.05, p500=0.1, pdrop=0.1,
          precord_retry=0.1),
 ], ids=["429", "5xx", "drop", "record-retry", "rate-limit", "mixed"])
 def test_every_image_ends_final_despite_faults(tmp_path, faults):
-    make_images(tmp_path / "imgs", 60)
+    coloured_images(tmp_path / "imgs", 60)
     with Sandbox(SandboxSettings(token=TOKEN, seed=7, **faults)) as sb:
         job = write_job(tmp_path, sb, tmp_path / "imgs",
-                        api_extra="max_retries = 12\nconcurrency = 4\ntimeout_s = 10\n"
-                                  "batch_size = 4")
-        res = invoke("run", str(job), "--json")
-        assert res.exit_code == 0, res.output
-        rows = export(job)
+                        api={"max_retries": 12, "concurrency": 4, "timeout_s": 10,
+                             "batch_size": 4})
+        run_json(job)
+        rows = export_rows(job)
         assert len(rows) == 60 and all(r["state"] == "done" for r in rows.values())
         check_ledger(sb, rows)
-        status = json.loads(invoke("status", str(job), "--json").stdout)
+        status = status_json(job)
         assert status["possibly_billed_without_answer"] == []
         # lost answers were resent; ximrun counted those sends, so the duplicates are visible
         lost = {e.record_id for e in sb.ledger() if not e.answered}
@@ -79,36 +84,36 @@ def test_every_image_ends_final_despite_faults(tmp_path, faults):
 
 
 def test_retries_exhausted_fail_with_the_last_error_and_exit_1(tmp_path):
-    make_images(tmp_path / "imgs", 5)
+    coloured_images(tmp_path / "imgs", 5)
     with Sandbox(SandboxSettings(token=TOKEN, p500=1.0)) as sb:
-        job = write_job(tmp_path, sb, tmp_path / "imgs", api_extra="max_retries = 1")
+        job = write_job(tmp_path, sb, tmp_path / "imgs", api={"max_retries": 1})
         res = invoke("run", str(job))
         assert res.exit_code == 1, res.output
-        rows = export(job)
+        rows = export_rows(job)
         assert all(r["state"] == "failed" and "500" in r["reason"] for r in rows.values())
         assert sb.credits_used == 0
         # each batch was tried 1 + max_retries times
-        assert Counter(e.record_id for e in sb.ledger()) == {k: 2 for k in rows}
+        assert sends(sb) == {k: 2 for k in rows}
 
 
 def test_refused_records_fail_alone_and_their_neighbours_are_done(tmp_path):
-    make_images(tmp_path / "imgs", 20)
+    coloured_images(tmp_path / "imgs", 20)
     with Sandbox(SandboxSettings(token=TOKEN, prefuse=0.3, seed=3)) as sb:
         job = write_job(tmp_path, sb, tmp_path / "imgs")
         assert invoke("run", str(job)).exit_code == 1
-        rows = export(job)
+        rows = export_rows(job)
         failed = {k for k, r in rows.items() if r["state"] == "failed"}
         assert failed and len(failed) < 20
         assert all("Unable to load image" in rows[k]["reason"] for k in failed)
         # refused records are not retried: each was sent exactly once
-        sends = Counter(e.record_id for e in sb.ledger())
-        assert all(sends[k] == 1 for k in failed)
+        sent = sends(sb)
+        assert all(sent[k] == 1 for k in failed)
         check_ledger(sb, rows)
 
 
 def test_a_poisonous_record_is_isolated_by_bisection(tmp_path):
     """A whole-request 400 caused by one record: the batch is split, nine neighbours are done."""
-    make_images(tmp_path / "imgs", 9)
+    coloured_images(tmp_path / "imgs", 9)
     manifest = tmp_path / "m.jsonl"
     lines = [json.dumps({"path": str(p), "id": p.name})
              for p in sorted((tmp_path / "imgs").iterdir())]
@@ -117,42 +122,40 @@ def test_a_poisonous_record_is_isolated_by_bisection(tmp_path):
                              "_url": "http://127.0.0.1:9/x.jpg"}))
     manifest.write_text("\n".join(lines) + "\n")
     with Sandbox(SandboxSettings(token=TOKEN)) as sb:
-        job = tmp_path / "j.toml"
-        job.write_text(f'name = "p"\n[source]\nmanifest = "{manifest}"\n[api]\n'
-                       f'endpoint = "{sb.endpoint_url()}"\n[credits]\nreuse = false\n')
+        job = write_job(tmp_path, sb, manifest=str(manifest), name="p", credits={"reuse": False})
         assert invoke("run", str(job)).exit_code == 1
-        rows = export(job)
+        rows = export_rows(job)
         assert rows["poison"]["state"] == "failed" and "400" in rows["poison"]["reason"]
         assert sum(r["state"] == "done" for r in rows.values()) == 9
 
 
 def test_too_large_image_is_resent_downscaled_once(tmp_path):
-    make_images(tmp_path / "imgs", 3, size=(900, 700))
+    coloured_images(tmp_path / "imgs", 3, size=(900, 700))
     (tmp_path / "imgs" / "tiny.jpg").write_bytes((tmp_path / "imgs" / "img000.jpg").read_bytes())
     with Sandbox(SandboxSettings(token=TOKEN, max_image_bytes=6000)) as sb:
-        job = write_job(tmp_path, sb, tmp_path / "imgs", extra="[images]\nmax_side = 1200\n"
-                        "[credits]\nreuse = false")
+        job = write_job(tmp_path, sb, tmp_path / "imgs", images={"max_side": 1200},
+                        credits={"reuse": False})
         res = invoke("run", str(job))
-        rows = export(job)
+        rows = export_rows(job)
         assert res.exit_code == 0, (res.output, rows)
         assert all(r["result"]["_width"] < 900 for r in rows.values())
         assert Counter(e.code for e in sb.ledger())[413] == 4
 
 
 def test_too_large_without_max_side_fails_with_the_reason(tmp_path):
-    make_images(tmp_path / "imgs", 2, size=(900, 700))
+    coloured_images(tmp_path / "imgs", 2, size=(900, 700))
     with Sandbox(SandboxSettings(token=TOKEN, max_image_bytes=3000)) as sb:
         job = write_job(tmp_path, sb, tmp_path / "imgs")
         assert invoke("run", str(job)).exit_code == 1
-        rows = export(job)
+        rows = export_rows(job)
         assert all(r["state"] == "failed" and "413" in r["reason"] for r in rows.values())
 
 
 def test_account_counter_is_read_before_and_after(tmp_path):
-    make_images(tmp_path / "imgs", 12)
+    coloured_images(tmp_path / "imgs", 12)
     with Sandbox(SandboxSettings(token=TOKEN)) as sb:
         job = write_job(tmp_path, sb, tmp_path / "imgs")
-        s = json.loads(invoke("run", str(job), "--json").stdout)
+        s = run_json(job)
         assert s["account_after"] - s["account_before"] == s["credits"] == 120
-        st = json.loads(invoke("status", str(job), "--json").stdout)
+        st = status_json(job)
         assert st["credits"]["last_run_account_difference"] == 120

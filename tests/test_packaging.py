@@ -6,7 +6,7 @@ import importlib.metadata
 import tomllib
 from pathlib import Path
 
-from cli_driver import invoke
+from driver import invoke
 
 import runner
 

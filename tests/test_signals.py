@@ -13,21 +13,23 @@ import os
 import pty
 import secrets
 import signal
-import sqlite3
 import struct
 import termios
 import threading
-from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_cli import invoke
-from test_crash import (
+from driver import (
+    CHILD_API,
     TOKEN,
     child_env,
+    db_count,
     export_rows,
     integrity,
+    invoke,
     make_images,
+    plan_json,
+    sends,
     settle,
     start,
     status_json,
@@ -42,25 +44,17 @@ from runner.sandbox import Sandbox
 
 def open_attempts(db: Path) -> int:
     """Requests announced and not yet recorded, read while the run writes (0 before the db)."""
-    if not db.exists():
-        return 0
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return conn.execute("SELECT count(*) FROM attempts WHERE closed_at IS NULL").fetchone()[0]
-        finally:
-            conn.close()
-    except sqlite3.OperationalError:  # the schema is not there yet
-        return 0
+    return db_count(db, "SELECT count(*) FROM attempts WHERE closed_at IS NULL")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_records_the_batches_in_flight_and_exits_4(tmp_path, sig):
     make_images(tmp_path / "imgs", 80)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=300, seed=5)) as sb:
-        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=4,
-                        concurrency=3)
-        db = tmp_path / "state" / "crash.db"
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=4, concurrency=3))
+        db = tmp_path / "state" / "t.db"
         child = start(tmp_path, "run", str(job), "--json")
         wait_for(lambda: open_attempts(db) >= 2, "requests in flight", child)
         child.proc.send_signal(sig)
@@ -83,8 +77,8 @@ def test_a_stop_signal_records_the_batches_in_flight_and_exits_4(tmp_path, sig):
         res = invoke("run", str(job))
         assert res.exit_code == 0, res.output
         # A graceful stop costs nothing twice: every image was sent exactly once.
-        sends = Counter(e.record_id for e in sb.ledger())
-        assert set(sends) == set(rows) and set(sends.values()) == {1}
+        sent = sends(sb)
+        assert set(sent) == set(rows) and set(sent.values()) == {1}
 
 
 def catches(pid: int, sig: int) -> bool:
@@ -99,6 +93,7 @@ def catches(pid: int, sig: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_during_start_up_is_a_clean_exit_with_nothing_sent(tmp_path, sig):
@@ -106,8 +101,8 @@ def test_a_stop_signal_during_start_up_is_a_clean_exit_with_nothing_sent(tmp_pat
     # SIGINT from its first instant, SIGTERM only once ximrun does: that says it is listening.
     make_images(tmp_path / "imgs", 6)
     with Sandbox(SandboxSettings(token=TOKEN, seed=5)) as sb:
-        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=2,
-                        concurrency=1)
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=2, concurrency=1))
         child = start(tmp_path, "run", str(job), "--json")
         wait_for(lambda: catches(child.proc.pid, signal.SIGTERM), "a signal handler", child)
         child.proc.send_signal(sig)
@@ -128,12 +123,13 @@ def test_a_stop_signal_during_start_up_is_a_clean_exit_with_nothing_sent(tmp_pat
         assert len(sb.ledger()) == 6
 
 
+@pytest.mark.slow
 def test_a_second_sigint_leaves_at_once(tmp_path):
     make_images(tmp_path / "imgs", 8)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=8000)) as sb:
-        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=2,
-                        concurrency=2)
-        db = tmp_path / "state" / "crash.db"
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=2, concurrency=2))
+        db = tmp_path / "state" / "t.db"
         child = start(tmp_path, "run", str(job))
         wait_for(lambda: open_attempts(db) >= 2, "requests in flight", child)
         child.proc.send_signal(signal.SIGINT)
@@ -147,12 +143,13 @@ def test_a_second_sigint_leaves_at_once(tmp_path):
         assert all(r["state"] == "pending" for r in export_rows(job).values())
 
 
+@pytest.mark.slow
 def test_one_run_at_a_time_and_readers_work_meanwhile(tmp_path):
     make_images(tmp_path / "imgs", 60)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=200)) as sb:
-        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=1,
-                        concurrency=1)
-        db = tmp_path / "state" / "crash.db"
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=1, concurrency=1))
+        db = tmp_path / "state" / "t.db"
         first = start(tmp_path, "run", str(job), tag="first")
         wait_for(lambda: open_attempts(db) >= 1, "the first run's requests", first)
 
@@ -177,11 +174,12 @@ def test_one_run_at_a_time_and_readers_work_meanwhile(tmp_path):
         assert ximrun(tmp_path, "run", str(job), "--limit", "1").proc.returncode == 3
 
 
+@pytest.mark.slow
 def test_under_cron_plain_progress_lines_even_while_a_request_hangs(tmp_path):
     make_images(tmp_path / "imgs", 6)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=3000)) as sb:
-        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=10,
-                        concurrency=1)
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=10, concurrency=1))
         child = start(tmp_path, "run", str(job), env=child_env(XIMRUN_LOG_EVERY_S="0.1"))
         assert child.wait() == 0, child.output()
     out, err = child.stdout, child.stderr
@@ -192,12 +190,13 @@ def test_under_cron_plain_progress_lines_even_while_a_request_hangs(tmp_path):
     assert "finished" in out and "done 6" in out
 
 
+@pytest.mark.slow
 def test_under_cron_a_faulty_run_is_short_enough_to_mail(tmp_path):
     make_images(tmp_path / "imgs", 200)
     with Sandbox(SandboxSettings(token=TOKEN, p500=0.05, p429=0.03, retry_after_s=0.05,
                                  pdrop=0.02, seed=11)) as sb:
-        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=5,
-                        concurrency=4)
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=5, concurrency=4))
         child = start(tmp_path, "run", str(job))
         assert child.wait() == 0, child.output()
     lines = (child.stdout + child.stderr).splitlines()
@@ -205,11 +204,12 @@ def test_under_cron_a_faulty_run_is_short_enough_to_mail(tmp_path):
     assert len(lines) <= 40, "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_on_a_terminal_a_progress_bar(tmp_path):
     make_images(tmp_path / "imgs", 20)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=20)) as sb:
-        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=2,
-                        concurrency=2)
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=2, concurrency=2))
         leader, follower = pty.openpty()
         # A terminal 100 columns wide (a fresh pty has none, and a bar needs some).
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
@@ -242,8 +242,8 @@ def test_on_a_terminal_a_progress_bar(tmp_path):
 def test_retry_puts_failed_images_back_by_reason(tmp_path):
     make_images(tmp_path / "imgs", 12)
     with Sandbox(SandboxSettings(token=TOKEN, prefuse=0.5, seed=2)) as sb:
-        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=4,
-                        concurrency=2)
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=4, concurrency=2))
         assert invoke("run", str(job)).exit_code == 1
         failed = {k for k, r in export_rows(job).items() if r["state"] == "failed"}
         assert failed
@@ -253,13 +253,14 @@ def test_retry_puts_failed_images_back_by_reason(tmp_path):
         res = invoke("retry", str(job), "--reason", "Unable to load")
         assert f"{len(failed)} failed image(s) back to pending" in res.output
         assert status_json(job)["states"]["pending"] == len(failed)
-        plan = json.loads(invoke("plan", str(job), "--json").stdout)
+        plan = plan_json(job)
         assert plan["retried"] == len(failed)
         before = len(sb.ledger())
         assert invoke("run", str(job)).exit_code == 1  # the API refuses the same bytes again
         assert {e.record_id for e in sb.ledger()[before:]} == failed
 
 
+@pytest.mark.slow
 def test_the_token_is_in_no_artefact_of_a_run(tmp_path):
     token = "xr-" + secrets.token_hex(20)
     wrong = "xr-wrong-" + secrets.token_hex(12)
@@ -267,8 +268,8 @@ def test_the_token_is_in_no_artefact_of_a_run(tmp_path):
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     settings = SandboxSettings(token=token, p500=0.1, p502=0.1, pdrop=0.05, prefuse=0.2, seed=9)
     with Sandbox(settings) as sb:
-        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=5,
-                        concurrency=2)
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=5, concurrency=2))
         refused = start(tmp_path, "run", str(job), "-vv", env=child_env(wrong), tag="refused")
         assert refused.wait() == 5, refused.output()
         assert "refused the token" in refused.stdout + refused.stderr
@@ -284,7 +285,7 @@ def test_the_token_is_in_no_artefact_of_a_run(tmp_path):
             (tmp_path / f"{args[0]}-{n}.txt").write_text(res.output)
     artefacts = [p for p in tmp_path.rglob("*") if p.is_file() and "imgs" not in p.parts]
     names = {p.name for p in artefacts}
-    assert {"crash.db", "crash.db.lock", "export.jsonl", "export.csv"} <= names
+    assert {"t.db", "t.db.lock", "export.jsonl", "export.csv"} <= names
     assert any(p.name.endswith(".err") and p.stat().st_size for p in artefacts)
     for p in artefacts:
         data = p.read_bytes()
@@ -299,13 +300,13 @@ def test_a_token_that_cannot_be_a_header_is_trimmed_or_refused_unseen(tmp_path, 
     token = "xr-" + secrets.token_hex(16)
     make_images(tmp_path / "imgs", 3)
     with Sandbox(SandboxSettings(token=token)) as sb:
-        job = write_job(tmp_path, sb.endpoint_url(), tmp_path / "imgs", batch_size=5,
-                        concurrency=1)
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=5, concurrency=1))
         res = invoke("run", str(job), env={"XIMILAR_TOKEN": raw.format(t=token)})
         assert res.exit_code == code, res.output
         assert token not in res.output
         if code == 2:
             assert "api.token_env" in res.output and sb.ledger() == []
-        db = tmp_path / "state" / "crash.db"
+        db = tmp_path / "state" / "t.db"
         for f in db.parent.glob("*") if db.parent.exists() else ():
             assert token.encode() not in f.read_bytes(), f.name

@@ -188,6 +188,7 @@ def test_s3_fingerprint_is_size_and_etag_and_changes_on_overwrite(s3_bucket) -> 
     assert after.fingerprint != before.fingerprint and after.size == 5
 
 
+@pytest.mark.slow
 def test_s3_listing_pages_past_1000_keys(s3_bucket) -> None:
     b = s3_bucket
     b.put_many({f"many/{i:05d}.jpg": b"x" for i in range(1205)})
@@ -304,6 +305,7 @@ def test_presign_gives_a_url_that_fetches_the_object(s3_bucket) -> None:
     assert storage.presign(http_item, source) == "https://example.com/a.jpg"
 
 
+@pytest.mark.slow
 def test_read_bytes_from_many_threads_at_once(s3_bucket) -> None:
     b = s3_bucket
     n = 24

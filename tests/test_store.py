@@ -176,9 +176,6 @@ def test_a_failing_write_in_a_group_fails_alone(tmp_path):
         with s.grouped():
             start = threading.Barrier(2)
 
-            def bad(c):
-                c.execute("INSERT INTO items (job, key) VALUES ('j', 'a')")  # a duplicate key
-
             def good():
                 start.wait()
                 s.record_attempt("j", run, 1, 1, ["b"])
@@ -186,8 +183,8 @@ def test_a_failing_write_in_a_group_fails_alone(tmp_path):
             with ThreadPoolExecutor(2) as pool:
                 ok = pool.submit(good)
                 start.wait()
-                with pytest.raises(sqlite3.IntegrityError):
-                    s.db.write(bad)
+                with pytest.raises(sqlite3.IntegrityError):  # no such run: a foreign key fails
+                    s.record_attempt("j", run + 1, 1, 1, ["a"])
                 ok.result()
         assert s.run_row(run)["requests"] == 1
         assert [u["keys"] for u in report.unanswered(s, "j")] == [["b"]]
@@ -202,20 +199,18 @@ def test_a_group_commits_in_one_transaction_and_again_write_by_write_when_one_fa
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a"), item("b"), item("c")], run)
         with s.grouped():
-            writer = s.db._group
-            assert writer is not None
             for group, failing in (([0, 1], False), ([2, "bad", 3], True)):
                 before = s.stats.transactions
                 with s.db.lock:  # the writer thread waits, so the writes queue up as one group
-                    ops = [writer.enqueue(bad if k == "bad" else
-                                          s._attempt_row("j", run, k, 1, [f"k{k}"]))
-                           for k in group]
-                for k, op in zip(group, ops, strict=True):
+                    waits = [s.db.write_soon(bad if k == "bad" else
+                                             s._attempt_row("j", run, k, 1, [f"k{k}"]))
+                             for k in group]
+                for k, wait in zip(group, waits, strict=True):
                     if k == "bad":
                         with pytest.raises(sqlite3.IntegrityError):
-                            op.wait()
+                            wait()
                     else:
-                        op.wait()
+                        wait()
                 # Together at first; again, a savepoint each, only when one of them failed.
                 assert s.stats.transactions - before == (2 if failing else 1)
         assert s.run_row(run)["requests"] == 4
