@@ -202,7 +202,7 @@ def prepare_image(data: bytes, policy: ImagePolicy) -> PreparedImage | Verdict:
 
 def _why(decoder: str, data: bytes, fmt: str, verdict: Verdict, policy: ImagePolicy) -> str:
     """Truncated or corrupt: the failed decode again, over a file that notes a short read
-    (watching every read costs a tenth of a small image's preparation, so only failures pay)."""
+    (watching every read would slow every image: only failures pay for it)."""
     reader = _Reader(data)
     try:
         _prepare(reader, decoder, data, fmt, verdict, policy)
@@ -251,9 +251,8 @@ def _prepare(
         resize = 0 < policy.max_side < max(width, height)
         if fmt == "jpeg":
             # Hand libjpeg the whole file in one call: Pillow otherwise feeds it 64 KB at a time
-            # and retakes the GIL after each block, so beside a thread busy in Python (the
-            # pipeline's own work) a 12 MP decode waited for the GIL some 40 times, at a switch
-            # interval (5 ms) each, and ran at under half its speed.
+            # and retakes the GIL after each block, which beside a thread busy in Python slows a
+            # large decode badly (bench/README.md has the figures).
             im.decodermaxblock = len(data)
 
         if verdict.action == "accept" and not resize:
@@ -275,10 +274,8 @@ def _prepare(
         # 8-bit first: Pillow resizes palette images with nearest-neighbour only.
         frame = _to_8bit(im)
         if resize:
-            # After draft the ratio left is under 2 for JPEG; Hamming costs what bilinear does
-            # and is sharper; bicubic takes 1.6 times as long. BOX would save a tenth of the
-            # whole preparation but renders small text visibly blockier (mean difference from a
-            # full-resolution Lanczos resize: 5.8 levels of 255, against Hamming's 3.6).
+            # After draft the ratio left is under 2 for JPEG. Hamming costs what bilinear does
+            # and is sharper; BOX is cheaper but renders small text blockier (bench/README.md).
             frame.thumbnail((policy.max_side, policy.max_side), Image.Resampling.HAMMING,
                             reducing_gap=2.0)
         # Encode before the with-block closes the file: closing also drops the pixels.

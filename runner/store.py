@@ -513,8 +513,8 @@ def open_readonly(path: Path) -> Store:
     return Store(path, create=False)
 
 
-# An answer as stored: no separator spaces. One encoder for every call (json.dumps with options
-# builds a new one each time, which cost more than the encoding of a small record).
+# An answer as stored: no separator spaces. One encoder for every call: json.dumps with options
+# builds a new one each time.
 compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 # Keys in any script as UTF-8, not escapes; no separator spaces; tuples of strings need no check
