@@ -151,7 +151,9 @@ def _print_summary(s: Any, as_json: bool) -> None:
                  f"(difference {s.account_after - s.account_before})")
     out.append(line)
     if s.pending:
-        out.append(f"  pending {s.pending}: the next run continues")
+        why = (f" ({s.unavailable} after failures of the service)"
+               if s.unavailable else "")
+        out.append(f"  pending {s.pending}{why}: the next run continues")
     if s.missing:
         out.append(f"  missing {s.missing}: known images no longer listed by the sources")
     if s.skipped_rows:

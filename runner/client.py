@@ -234,11 +234,10 @@ class ApiClient:
             if not again:
                 return
             if batch.retries >= self.api.max_retries:
-                log.info("%d record(s) failed after %d retries: %s", len(again), batch.retries,
-                         _retry_reason(batch, again))
-                for r in again:
-                    error, status = batch.last_error[r.id]
-                    self._set_outcome(batch, r, ok=False, reason=error, status=status)
+                # The service failed them, not their records: they stay pending for the next run.
+                log.info("%d record(s) left pending after %d retries: %s", len(again),
+                         batch.retries, _retry_reason(batch, again))
+                self._unavailable_outcomes(batch, again)
                 return
             batch.retries += 1
             delay = self._delay(batch.retries, answer.retry_after)
@@ -293,6 +292,12 @@ class ApiClient:
 
     def _set_outcome(self, batch: _Submission, r: RequestRecord, **kw: Any) -> None:
         batch.outcomes[r.id] = RecordOutcome(r.id, **kw)
+
+    def _unavailable_outcomes(self, batch: _Submission, records: Sequence[RequestRecord]) -> None:
+        for r in records:
+            error, status = batch.last_error[r.id]
+            self._set_outcome(batch, r, ok=False, reason=error, status=status, final=False,
+                              unavailable=True)
 
     def _stopped_outcomes(self, batch: _Submission, records: Sequence[RequestRecord]) -> None:
         for r in records:

@@ -88,6 +88,7 @@ class Run:
         self.run_id = 0
         self.auth_error: AuthError | None = None
         self.sending = 0  # batches handed to the request threads and not finished
+        self.service_error: str | None = None  # the last failure of the service, not a record's
 
     # listing and classification
 
@@ -172,6 +173,14 @@ class Run:
                 s.status, s.exit_code = "interrupted", ExitCode.INTERRUPTED
             elif stopped_by in ("budget", "limit") and s.pending:
                 s.status, s.exit_code = f"stopped_by_{stopped_by}", ExitCode.STOPPED
+            elif s.unavailable and s.pending:
+                # The service failed some batches to the end of their retries: nothing of theirs
+                # is marked failed, and the next plain run sends them.
+                s.status, s.exit_code = "finished_with_pending", ExitCode.UNAVAILABLE
+                s.message = (f"{s.pending} image(s) left pending: the API failed "
+                             f"{s.unavailable} image(s) after their retries (last error: "
+                             f"{self.service_error}); the next run sends them"
+                             + (f"; {failed} image(s) failed" if failed else ""))
             elif failed:
                 s.status, s.exit_code = "finished_with_failures", ExitCode.FAILURES
                 s.message = f"{failed} image(s) failed; see `ximrun status` or `ximrun export`"
@@ -340,6 +349,11 @@ class Run:
             s.credits += credits
             for a in answers:
                 if not a.outcome.final:
+                    if a.outcome.unavailable:
+                        s.unavailable += 1
+                        if a.outcome.attempts > 0:
+                            s.sent += 1
+                        self.service_error = a.outcome.reason
                     continue
                 s.sent += 1
                 n_follow = len(a.followers)

@@ -1,0 +1,84 @@
+"""An API that is down is not the records' fault: through the CLI, against a closed port and the
+emulator, images hit by failures of the service stay pending and the next plain run sends them.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections import Counter
+from pathlib import Path
+
+from cli_driver import TOKEN, export, invoke, plan_json
+from test_faults import make_images
+
+from runner.job import SandboxSettings
+from runner.sandbox import Sandbox
+
+
+def closed_port() -> int:
+    """A loopback port where nothing listens: connecting is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_file(tmp: Path, endpoint: str, src: Path, api_extra: str = "") -> Path:
+    job = tmp / "outage.toml"
+    job.write_text(f'''
+name = "outage"
+[source]
+paths = ["{src}"]
+[api]
+endpoint = "{endpoint}"
+{api_extra}
+[state]
+db = "state/outage.db"
+''')
+    return job
+
+
+def test_an_outage_leaves_every_image_pending_and_the_next_plain_run_sends_them(tmp_path):
+    make_images(tmp_path / "imgs", 40)
+    down = f"http://127.0.0.1:{closed_port()}/collectibles/v2/tcg_id"
+    job = job_file(tmp_path, down, tmp_path / "imgs", "max_retries = 1\nbatch_size = 10")
+    res = invoke("run", str(job), "--json")
+    assert res.exit_code == 69, res.output
+    summary = json.loads(res.stdout)
+    assert summary["failed"] == 0 and summary["pending"] == 40 and summary["unavailable"] == 40
+    rows = export(job)
+    assert len(rows) == 40
+    assert all(r["state"] == "pending" for r in rows.values())
+    assert all(r["reason"].startswith("connection failed") for r in rows.values())
+    # the next run would send them all again, without `ximrun retry`
+    plan = plan_json(job)
+    assert plan["sent"] == 40 and plan["kept_failed"] == 0
+
+    with Sandbox(SandboxSettings(token=TOKEN)) as sb:
+        job = job_file(tmp_path, sb.endpoint_url(), tmp_path / "imgs")
+        res = invoke("run", str(job), "--json")
+        assert res.exit_code == 0, res.output
+        rows = export(job)
+        assert all(r["state"] == "done" and r["reason"] is None for r in rows.values())
+        assert Counter(e.record_id for e in sb.ledger()) == {k: 1 for k in rows}
+
+
+def test_records_the_service_keeps_failing_stay_pending_while_refused_ones_fail(tmp_path):
+    """Per-record 5xx until the retries run out is the service's failure; a 400 is the record's."""
+    make_images(tmp_path / "imgs", 20)
+    with Sandbox(SandboxSettings(token=TOKEN, precord_retry=1.0)) as sb:
+        job = job_file(tmp_path, sb.endpoint_url(), tmp_path / "imgs", "max_retries = 1")
+        res = invoke("run", str(job))
+        assert res.exit_code == 69, res.output
+        assert "pending 20 (20 after failures of the service)" in res.output
+        rows = export(job)
+        assert all(r["state"] == "pending" and r["reason"].startswith("api 50")
+                   for r in rows.values())
+        assert all(r["sends"] == 2 for r in rows.values())
+    with Sandbox(SandboxSettings(token=TOKEN, prefuse=0.3, seed=3)) as sb:
+        job = job_file(tmp_path, sb.endpoint_url(), tmp_path / "imgs")
+        assert invoke("run", str(job)).exit_code == 1
+        rows = export(job)
+        failed = {k for k, r in rows.items() if r["state"] == "failed"}
+        assert failed and all("Unable to load image" in rows[k]["reason"] for k in failed)
+        assert all(r["state"] == "done" for k, r in rows.items() if k not in failed)
