@@ -27,7 +27,7 @@ from runner import __version__
 from runner.errors import AuthError, brief
 from runner.job import ApiConfig
 from runner.records import RecordOutcome, RequestRecord
-from runner.transport import AdaptiveLimit, environ_proxy, pool_manager, transport_error
+from runner.transport import AdaptiveLimit, Breaker, environ_proxy, pool_manager, transport_error
 
 log = logging.getLogger("ximrun.client")
 
@@ -109,6 +109,26 @@ class _Submission:
     last_error: dict[str, tuple[str, int | None]] = field(default_factory=dict)
 
 
+class _Halt:
+    """A stop (a signal) or the breaker open, as one thing to wait on."""
+
+    POLL_S = 0.1
+
+    def __init__(self, stop: threading.Event | None, breaker: Breaker) -> None:
+        self.stop = stop
+        self.breaker = breaker
+
+    def is_set(self) -> bool:
+        return (self.stop is not None and self.stop.is_set()) or self.breaker.is_open()
+
+    def wait(self, timeout: float) -> bool:
+        if self.stop is not None:
+            self.stop.wait(timeout)
+        else:
+            self.breaker.opened.wait(timeout)
+        return self.is_set()
+
+
 @dataclass(frozen=True)
 class _Reply:
     """What one HTTP request came to, before the retry policy looks at it."""
@@ -137,6 +157,8 @@ class ApiClient:
         self.api = api
         self.fields = dict(api.fields if fields is None else fields)
         self.limit = AdaptiveLimit(max(1, api.concurrency))
+        self.breaker = Breaker(api.breaker_failures, api.breaker_s)
+        self._halt = _Halt(stop, self.breaker)  # a stop, or the breaker open: send nothing more
         self._token = token
         self._stop = stop
         self._sleep = sleep
@@ -166,6 +188,10 @@ class ApiClient:
         batch = _Submission(on_attempt)
         if records:
             self._send(batch, records)
+            final = [o for o in batch.outcomes.values() if o.final]
+            given_up = [o for o in batch.outcomes.values() if o.unavailable]
+            if final or given_up:
+                self.breaker.batch_done(bool(final), given_up[0].reason if given_up else None)
         out = []
         for r in records:
             o = batch.outcomes.get(r.id)
@@ -210,8 +236,12 @@ class ApiClient:
         """Settle every record of `group` in batch.outcomes: answered, failed, or stopped."""
         pending = group
         while pending:
-            if not self.limit.acquire(self._stop):
-                self._stopped_outcomes(batch, pending)
+            if not self.limit.acquire(self._halt):
+                self._halted_outcomes(batch, pending)
+                return
+            if self.breaker.is_open():
+                self.limit.release()
+                self._halted_outcomes(batch, pending)
                 return
             try:
                 answer = self._request(batch, pending)
@@ -244,7 +274,7 @@ class ApiClient:
             log.debug("%d of %d record(s): %s; retry %d/%d in %.1fs", len(again), len(group),
                      _retry_reason(batch, again), batch.retries, self.api.max_retries, delay)
             if self._pause(delay):
-                self._stopped_outcomes(batch, again)
+                self._halted_outcomes(batch, again)
                 return
             pending = again
 
@@ -293,9 +323,17 @@ class ApiClient:
     def _set_outcome(self, batch: _Submission, r: RequestRecord, **kw: Any) -> None:
         batch.outcomes[r.id] = RecordOutcome(r.id, **kw)
 
+    def _halted_outcomes(self, batch: _Submission, records: Sequence[RequestRecord]) -> None:
+        """Nothing more is sent: a stop came (stopped), or the breaker opened (unavailable)."""
+        if self._stopped():
+            self._stopped_outcomes(batch, records)
+        else:
+            self._unavailable_outcomes(batch, records)
+
     def _unavailable_outcomes(self, batch: _Submission, records: Sequence[RequestRecord]) -> None:
         for r in records:
-            error, status = batch.last_error[r.id]
+            error, status = batch.last_error.get(
+                r.id, (f"not sent: the API is unavailable ({self.breaker.why})", None))
             self._set_outcome(batch, r, ok=False, reason=error, status=status, final=False,
                               unavailable=True)
 
@@ -310,11 +348,16 @@ class ApiClient:
         return random.uniform(0, min(self.BACKOFF_CAP_S, self.BACKOFF_BASE_S * 2 ** (retry_no - 1)))
 
     def _pause(self, delay: float) -> bool:
-        """Wait before a retry; True if a stop came meanwhile (then the wait ends at once)."""
-        if self._stop is not None and self._sleep is time.sleep:
-            return self._stop.wait(delay)
+        """Wait before a retry; True if a stop came or the breaker opened meanwhile (then the
+        wait ends within a tenth of a second)."""
+        if self._sleep is time.sleep:
+            end = time.monotonic() + delay
+            while (left := end - time.monotonic()) > 0:
+                if self._halt.wait(min(left, self._halt.POLL_S)):
+                    return True
+            return self._halt.is_set()
         self._sleep(delay)
-        return self._stopped()
+        return self._halt.is_set()
 
     def _stopped(self) -> bool:
         return self._stop is not None and self._stop.is_set()
@@ -327,6 +370,15 @@ class ApiClient:
             batch.attempts[r.id] = batch.attempts.get(r.id, 0) + 1
         if batch.on_attempt is not None:
             batch.on_attempt([r.id for r in group], batch.requests)
+        started = time.monotonic()
+        reply = self._exchange(batch, group)
+        if reply.kind == "retry":
+            self.breaker.request_failed(started, reply.error)
+        else:
+            self.breaker.request_ok()
+        return reply
+
+    def _exchange(self, batch: _Submission, group: list[RequestRecord]) -> _Reply:
         try:
             # No redirects: a redirected POST would become a GET without its body. The pool
             # never retries on its own (retries=False): every try is counted here.

@@ -161,8 +161,9 @@ class Run:
         if self.auth_error is not None:
             s.status, s.exit_code, s.message = "auth_refused", ExitCode.AUTH, str(self.auth_error)
         else:
-            with contextlib.suppress(AuthError):
-                s.account_after = _credits_counter(self.client.account_details())
+            if stopped_by != "unavailable":  # a dead service would only make the run wait
+                with contextlib.suppress(AuthError):
+                    s.account_after = _credits_counter(self.client.account_details())
             if listing_complete:
                 src = self.job.source
                 self.store.mark_missing(self.job.name, self.run_id,
@@ -171,6 +172,9 @@ class Run:
             failed = self.store.count_listed(self.job.name, FAILED)
             if stopped_by == "interrupted":
                 s.status, s.exit_code = "interrupted", ExitCode.INTERRUPTED
+            elif stopped_by == "unavailable":
+                s.status, s.exit_code = "api_unavailable", ExitCode.UNAVAILABLE
+                s.message = self._unavailable_message(s.pending, failed)
             elif stopped_by in ("budget", "limit") and s.pending:
                 s.status, s.exit_code = f"stopped_by_{stopped_by}", ExitCode.STOPPED
             elif s.unavailable and s.pending:
@@ -193,11 +197,14 @@ class Run:
         return s
 
     def stop_reason(self, stopped_by: str | None) -> str | None:
-        """Nothing more is sent after a refused token ("auth") or a signal ("interrupted")."""
+        """Nothing more is sent after a refused token ("auth"), a signal ("interrupted") or once
+        the circuit breaker opened ("unavailable")."""
         if self.auth_error is not None:
             return "auth"
         if self.stop.is_set() and stopped_by is None:
             return "interrupted"
+        if stopped_by is None and self.client.breaker.is_open():
+            return "unavailable"
         return stopped_by
 
     def wind_up(self, listing: Iterator[Listed], stopped_by: str | None, limited: bool,
@@ -394,6 +401,19 @@ class Run:
                     late_failed += [(it, f"same bytes as {a.item.key}: {o.reason}")
                                     for it in late]
         return late_reused, late_failed
+
+
+    def _unavailable_message(self, pending: int, failed: int) -> str:
+        breaker = self.client.breaker
+        since = breaker.since()
+        when = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+                if since is not None else "?")
+        text = (f"the API is unavailable since {when}: {breaker.why}; the circuit breaker "
+                f"opened and no new batch was sent. {pending} image(s) left pending, none "
+                "marked failed for it; the next run continues")
+        if failed:
+            text += f" ({failed} image(s) failed: the API refused their records)"
+        return text
 
 
 def _credits_counter(details: dict[str, Any] | None) -> int | None:

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections import Counter
 from pathlib import Path
 
-from cli_driver import TOKEN, export, invoke, plan_json
+import pytest
+from cli_driver import TOKEN, export, invoke, plan_json, status
 from test_faults import make_images
 
 from runner.job import SandboxSettings
 from runner.sandbox import Sandbox
+from runner.transport import Breaker
 
 
 def closed_port() -> int:
@@ -82,3 +85,90 @@ def test_records_the_service_keeps_failing_stay_pending_while_refused_ones_fail(
         failed = {k for k, r in rows.items() if r["state"] == "failed"}
         assert failed and all("Unable to load image" in rows[k]["reason"] for k in failed)
         assert all(r["state"] == "done" for k, r in rows.items() if k not in failed)
+
+
+# --- the circuit breaker ---------------------------------------------------------------------------
+
+DOCUMENTED_BOUND_S = 30  # README: refused connections, with the defaults
+
+
+def test_a_closed_port_opens_the_breaker_well_within_the_bound_and_a_rerun_finishes(tmp_path):
+    make_images(tmp_path / "imgs", 200)
+    down = f"http://127.0.0.1:{closed_port()}/collectibles/v2/tcg_id"
+    job = job_file(tmp_path, down, tmp_path / "imgs")  # every [api] key at its default
+    started = time.monotonic()
+    res = invoke("run", str(job), "--json")
+    took = time.monotonic() - started
+    assert res.exit_code == 69, res.output
+    assert took < DOCUMENTED_BOUND_S, took  # about 11 s here: 5 batches out of retries
+    summary = json.loads(res.stdout)
+    assert summary["status"] == "api_unavailable" and summary["failed"] == 0
+    assert "unavailable since" in summary["message"]
+    assert "connection failed" in summary["message"]
+    rows = export(job)
+    assert rows and all(r["state"] == "pending" for r in rows.values())
+    assert status(job)["states"]["failed"] == 0
+
+    with Sandbox(SandboxSettings(token=TOKEN)) as sb:
+        job = job_file(tmp_path, sb.endpoint_url(), tmp_path / "imgs")
+        res = invoke("run", str(job))
+        assert res.exit_code == 0, res.output
+        rows = export(job)
+        assert len(rows) == 200 and all(r["state"] == "done" for r in rows.values())
+        assert Counter(e.record_id for e in sb.ledger()) == {k: 1 for k in rows}
+
+
+def test_breaker_s_bounds_a_run_whatever_max_retries_says(tmp_path):
+    """Every request answered 500: after breaker_s the retries stop, in flight or not."""
+    make_images(tmp_path / "imgs", 40)
+    with Sandbox(SandboxSettings(token=TOKEN, p500=1.0)) as sb:
+        job = job_file(tmp_path, sb.endpoint_url(), tmp_path / "imgs",
+                       "max_retries = 100\nbreaker_failures = 1000\nbreaker_s = 1.5")
+        started = time.monotonic()
+        res = invoke("run", str(job), "--json")
+        took = time.monotonic() - started
+        assert res.exit_code == 69, res.output
+        assert took < 1.5 + 3, took
+        summary = json.loads(res.stdout)
+        assert summary["status"] == "api_unavailable"
+        assert "every request failed for 1.5s" in summary["message"]
+        assert "http 500" in summary["message"]
+        rows = export(job)
+        assert all(r["state"] == "pending" for r in rows.values())
+        assert sb.credits_used == 0
+
+
+@pytest.mark.parametrize("line, message", [
+    ("breaker_failures = 0", "api.breaker_failures: 0 is out of range (1..1000)"),
+    ("breaker_s = 0.0", "api.breaker_s: 0.0 is out of range (0.1..3600)"),
+    ("breaker_s = true", "api.breaker_s: expected a number"),
+])
+def test_breaker_keys_are_checked(tmp_path, line, message):
+    make_images(tmp_path / "imgs", 1)
+    job = job_file(tmp_path, "sandbox", tmp_path / "imgs", line)
+    res = invoke("run", str(job))
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_the_breaker_counts_batches_in_a_row_and_times_failing_requests():
+    now = [100.0]
+    b = Breaker(3, 10.0, clock=lambda: now[0])
+    b.batch_done(False, "http 503: down")
+    b.batch_done(False, "http 503: down")
+    b.batch_done(True)  # a record answered: the count starts again
+    b.batch_done(False, "http 503: down")
+    b.batch_done(False, "http 503: down")
+    assert not b.is_open()
+    b.batch_done(False, "http 503: down")
+    assert b.is_open() and "3 batch(es) in a row" in b.why and "http 503: down" in b.why
+
+    b = Breaker(5, 10.0, clock=lambda: now[0])
+    b.request_failed(now[0], "connection failed (refused)")
+    now[0] += 9
+    assert not b.is_open()
+    b.request_ok()  # the service answered: the window starts again
+    b.request_failed(now[0], "connection failed (refused)")
+    now[0] += 9.9
+    assert not b.is_open()
+    now[0] += 0.1
+    assert b.is_open() and "every request failed for 10s" in b.why

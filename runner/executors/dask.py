@@ -322,6 +322,11 @@ class _Coordinator:
             log.error("batch %d: no answer from the cluster: %s", batch_no, sent)
             why = f"worker lost while sending (may have been billed): {sent}"
             sent = Sent([RecordOutcome(r.item.key, ok=False, reason=why) for r in readies], [])
+        # The workers' clients have breakers of their own; this one stops new batches here.
+        final = any(o.final for o in sent.outcomes)
+        given_up = [o.reason for o in sent.outcomes if o.unavailable]
+        if final or given_up:
+            self.run.client.breaker.batch_done(final, given_up[0] if given_up else None)
         # The first request was recorded before the task was submitted; retries after it here.
         for attempt, ids in enumerate(sent.requests[1:], start=2):
             self.run.record_attempt(batch_no, attempt, ids)
