@@ -27,7 +27,14 @@ from runner import __version__
 from runner.errors import AuthError, brief
 from runner.job import ApiConfig
 from runner.records import RecordOutcome, RequestRecord
-from runner.transport import AdaptiveLimit, Breaker, environ_proxy, pool_manager, transport_error
+from runner.transport import (
+    AdaptiveLimit,
+    Breaker,
+    environ_proxy,
+    never_sent,
+    pool_manager,
+    transport_error,
+)
 
 log = logging.getLogger("ximrun.client")
 
@@ -102,6 +109,7 @@ class _Submission:
     """Book-keeping of one submit_batch call across its requests, retries and bisections."""
 
     on_attempt: AttemptFn | None
+    on_unsent: AttemptFn | None = None
     requests: int = 0
     retries: int = 0
     attempts: dict[str, int] = field(default_factory=dict)
@@ -138,6 +146,7 @@ class _Reply:
     status: int | None = None
     retry_after: float | None = None
     records: tuple[tuple[RequestRecord, Mapping[str, Any]], ...] = ()
+    unsent: bool = False  # the request never reached the service (no connection was made)
 
 
 class ApiClient:
@@ -175,17 +184,20 @@ class ApiClient:
     # --- public API -----------------------------------------------------------------------------
 
     def submit_batch(self, records: Sequence[RequestRecord],
-                     on_attempt: AttemptFn | None = None) -> list[RecordOutcome]:
+                     on_attempt: AttemptFn | None = None,
+                     on_unsent: AttemptFn | None = None) -> list[RecordOutcome]:
         """Send records (retrying, bisecting as needed); one outcome per record, in input order.
 
         `on_attempt(ids, n)` runs before every HTTP request, so the caller can record that these
-        records may be billed. Raises AuthError when the API refuses the token.
+        records may be billed; `on_unsent(ids, n)` runs after one that never connected (nothing
+        of it reached the service), and it is not counted in the outcomes' `attempts`. Raises
+        AuthError when the API refuses the token.
         """
         records = list(records)
         for r in records:
             if r.data is None and r.url is None:
                 raise ValueError(f"record {r.id!r} has neither bytes nor a URL")
-        batch = _Submission(on_attempt)
+        batch = _Submission(on_attempt, on_unsent)
         if records:
             self._send(batch, records)
             final = [o for o in batch.outcomes.values() if o.final]
@@ -372,6 +384,13 @@ class ApiClient:
             batch.on_attempt([r.id for r in group], batch.requests)
         started = time.monotonic()
         reply = self._exchange(batch, group)
+        if reply.unsent:
+            # No connection was made: not a send, not billed, not an attempt of these records.
+            for r in group:
+                batch.attempts[r.id] -= 1
+            if batch.on_unsent is not None:
+                batch.on_unsent([r.id for r in group], batch.requests)
+            batch.requests -= 1
         if reply.kind == "retry":
             self.breaker.request_failed(started, reply.error)
         else:
@@ -386,8 +405,10 @@ class ApiClient:
                                       headers=self._headers, redirect=False)
         except TransportError as exc:
             # urllib3 already replaces a pooled connection found dead before sending; what reaches
-            # here may have been sent and billed, so it counts as an attempt like any other.
-            return _Reply("retry", error=self._redact(transport_error(exc, self._timeout)))
+            # here may have been sent and billed, so it counts as an attempt like any other,
+            # unless no connection was ever made.
+            return _Reply("retry", error=self._redact(transport_error(exc, self._timeout)),
+                          unsent=never_sent(exc))
         return self._read_answer(resp, group)
 
     def _read_answer(self, resp: urllib3.BaseHTTPResponse, group: list[RequestRecord]

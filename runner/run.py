@@ -41,10 +41,13 @@ DriveFn = Callable[["Run"], tuple[str | None, bool]]
 
 
 def submit_prepared(job: Job, client: ApiClient, batch: Sequence[Ready],
-                    on_attempt: AttemptFn) -> list[RecordOutcome]:
+                    on_attempt: AttemptFn, on_unsent: AttemptFn | None = None
+                    ) -> list[RecordOutcome]:
     """Send one batch; a record the API found too large goes once more, downscaled, if max_side
-    allows. `on_attempt` runs before every request; raises AuthError."""
-    outcomes = client.submit_batch([r.record for r in batch], on_attempt=on_attempt)
+    allows. `on_attempt` runs before every request, `on_unsent` after one that never connected;
+    raises AuthError."""
+    outcomes = client.submit_batch([r.record for r in batch], on_attempt=on_attempt,
+                                   on_unsent=on_unsent)
     if job.images.max_side <= 0 or not any(o.too_large for o in outcomes):
         return outcomes
     by_key = {r.item.key: r for r in batch}
@@ -52,7 +55,8 @@ def submit_prepared(job: Job, client: ApiClient, batch: Sequence[Ready],
              if (smaller := prepare_smaller(job, by_key[o.id])) is not None]
     if not again:
         return outcomes
-    second = {o.id: o for o in client.submit_batch(again, on_attempt=on_attempt)}
+    second = {o.id: o for o in client.submit_batch(again, on_attempt=on_attempt,
+                                                   on_unsent=on_unsent)}
     return [second.get(o.id, o) for o in outcomes]
 
 
@@ -292,8 +296,13 @@ class Run:
             requests += 1
             self.record_attempt(batch_no, requests, ids)
 
+        def on_unsent(ids: Any, attempt: int) -> None:
+            nonlocal requests
+            self.forget_attempt(batch_no, requests)  # always the last one: a batch is sequential
+            requests -= 1
+
         try:
-            outcomes = submit_prepared(self.job, self.client, batch, on_attempt)
+            outcomes = submit_prepared(self.job, self.client, batch, on_attempt, on_unsent)
         except AuthError:
             self.unreserve(len(batch))
             raise
@@ -316,6 +325,13 @@ class Run:
         self.store.record_attempt(self.job.name, self.run_id, batch_no, attempt, list(ids))
         with self._lock:
             self.summary.requests += 1
+
+    def forget_attempt(self, batch_no: int, attempt: int) -> None:
+        """The request never connected: nothing reached the service, so its row goes (and it is
+        no request of this run). Its row was written before it left, as every request's is."""
+        self.store.forget_attempt(self.run_id, batch_no, attempt)
+        with self._lock:
+            self.summary.requests -= 1
 
     def unreserve(self, n: int) -> None:
         with self._lock:

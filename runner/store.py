@@ -370,6 +370,17 @@ class Store:
 
         return record
 
+    def forget_attempt(self, run_id: int, batch: int, attempt: int) -> None:
+        """A request that never connected: its attempts row goes, and it is no request of the
+        run. Returns once committed."""
+        def forget(c: sqlite3.Connection) -> None:
+            gone = c.execute("DELETE FROM attempts WHERE run_id = ? AND batch = ? AND attempt = ? "
+                             "AND closed_at IS NULL", (run_id, batch, attempt)).rowcount
+            if gone:
+                self._counts.add(run_id, requests=-gone)
+
+        self.db.write_waited("forget_attempt", forget)
+
     def record_batch(self, job: str, run_id: int, batch: int, answers: Sequence[BatchAnswer], *,
                      request_sig: str, prep_sig: str, per_image: int) -> int:
         """One transaction per answered batch (or one for several answered together): outcomes,

@@ -105,6 +105,14 @@ class AdaptiveLimit:
                 self._cond.notify()
 
 
+def never_sent(exc: TransportError) -> bool:
+    """Whether the request surely never reached the service: no connection was made (refused,
+    DNS, a connect timeout; NameResolutionError and NewConnectionError are ConnectTimeoutErrors),
+    or the proxy could not be reached (urllib3 says ProxyError only before it connected to it).
+    Anything later may have handed the body to the socket."""
+    return isinstance(exc, (ConnectTimeoutError, ProxyError))
+
+
 def transport_error(exc: TransportError, timeout: tuple[float, float]) -> str:
     """What went wrong with a request, in a few words, from urllib3's exception."""
     if isinstance(exc, (NewConnectionError, ProxyError)):  # the API or the proxy unreachable

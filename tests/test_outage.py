@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 from cli_driver import TOKEN, export, invoke, plan_json, status
 from test_faults import make_images
 
-from runner.job import SandboxSettings
+from runner.client import ApiClient
+from runner.job import ApiConfig, SandboxSettings
 from runner.sandbox import Sandbox
 from runner.transport import Breaker
 
@@ -172,3 +174,54 @@ def test_the_breaker_counts_batches_in_a_row_and_times_failing_requests():
     assert not b.is_open()
     now[0] += 0.1
     assert b.is_open() and "every request failed for 10s" in b.why
+
+
+# --- a request that never connected is not a send -----------------------------------------------
+
+
+def test_requests_that_never_connected_are_not_sends_nor_possibly_billed(tmp_path):
+    make_images(tmp_path / "imgs", 30)
+    down = f"http://127.0.0.1:{closed_port()}/collectibles/v2/tcg_id"
+    job = job_file(tmp_path, down, tmp_path / "imgs", "max_retries = 2")
+    res = invoke("run", str(job))
+    assert res.exit_code == 69, res.output
+    assert "sent 0 in 0 request(s)" in res.output
+    rows = export(job)
+    assert all(r["state"] == "pending" and r["sends"] == 0 for r in rows.values())
+    st = status(job)
+    assert st["possibly_billed_without_answer"] == []
+    assert st["resends"] == {"images_sent_more_than_once": 0, "extra_sends": 0}
+    with sqlite3.connect(tmp_path / "state" / "outage.db") as db:
+        assert db.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
+        assert db.execute("SELECT requests, sent FROM runs").fetchall() == [(0, 0)]
+
+
+def test_the_attempt_row_is_written_before_and_taken_back_after_a_refused_connection():
+    from test_client import records
+
+    calls: list[tuple[str, list[str], int]] = []
+    api = ApiConfig(max_retries=2, connect_timeout_s=2.0)
+    with ApiClient(f"http://127.0.0.1:{closed_port()}/collectibles/v2/tcg_id", TOKEN, api,
+                   sleep=lambda s: None) as client:
+        out = client.submit_batch(
+            records(2), on_attempt=lambda ids, n: calls.append(("attempt", list(ids), n)),
+            on_unsent=lambda ids, n: calls.append(("unsent", list(ids), n)))
+    ids = [o.id for o in out]
+    assert calls == [("attempt", ids, 1), ("unsent", ids, 1)] * 3
+    assert all(o.unavailable and o.attempts == 0 for o in out)
+    assert out[0].reason.startswith("connection failed")
+
+
+def test_a_proxy_that_cannot_be_reached_is_no_send(monkeypatch):
+    from test_client import records
+
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port()}")
+    unsent: list[int] = []
+    with Sandbox(SandboxSettings(token=TOKEN)) as sb, \
+            ApiClient(sb.endpoint_url(), TOKEN, ApiConfig(max_retries=1),
+                      sleep=lambda s: None) as client:
+        out = client.submit_batch(records(1), on_unsent=lambda ids, n: unsent.append(n))
+        assert sb.ledger() == []
+    assert unsent == [1, 1] and out[0].attempts == 0 and out[0].unavailable
