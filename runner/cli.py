@@ -170,7 +170,9 @@ def _print_summary(s: Any, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Same as `ximrun plan`: nothing is sent.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--dask", "dask_address", help="Run on this Dask scheduler (tcp://host:8786).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and the summary.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="For cron: nothing at all when the run exits 0; warnings and errors, and the "
+                   "summary only when it exits non-zero.")
 @click.option("-v", "--verbose", count=True, help="More log lines (-vv: debug).")
 def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_json: bool,
         dask_address: str | None, quiet: bool, verbose: int) -> None:
@@ -201,7 +203,8 @@ def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_
         return
     finally:
         progress.close()
-    _print_summary(summary, as_json)
+    if not (quiet and summary.exit_code == ExitCode.OK):
+        _print_summary(summary, as_json)
     sys.exit(summary.exit_code)
 
 

@@ -316,3 +316,18 @@ def test_a_missing_root_is_refused_before_anything_is_sent(tmp_path, sandbox, fo
     res = invoke("run", str(job))
     assert res.exit_code == 2 and "nope" in res.output
     assert sandbox.ledger() == []
+
+
+def test_quiet_prints_nothing_at_all_on_exit_0_and_the_summary_otherwise(tmp_path, sandbox,
+                                                                         folder):
+    (folder / "broken.jpg").unlink()
+    job = write_job(tmp_path, sandbox, folder)
+    for args in (["-q"], ["-q", "--json"]):
+        res = invoke("run", *args, str(job))
+        assert res.exit_code == 0 and res.stdout == "" and res.stderr == "", res.output
+    # a run that does not exit 0 says why, even with -q
+    with Sandbox(SandboxSettings(token=TOKEN, prefuse=1.0)) as sb:
+        job = write_job(tmp_path, sb, folder, name="q2")
+        res = invoke("run", "-q", str(job))
+    assert res.exit_code == 1
+    assert "finished_with_failures" in res.stdout and "failed" in res.stdout
