@@ -25,7 +25,7 @@ from urllib3.exceptions import HTTPError as TransportError
 
 from runner import __version__
 from runner.errors import AuthError, brief
-from runner.job import ApiConfig
+from runner.job import JWT_MIN_LENGTH, ApiConfig
 from runner.records import RecordOutcome, RequestRecord
 from runner.transport import (
     AdaptiveLimit,
@@ -46,6 +46,13 @@ RETRY_HTTP = frozenset({408, 429, 500, 502, 503, 504})
 BISECT_HTTP = frozenset({400, 413})
 
 AttemptFn = Callable[[Sequence[str], int], None]
+
+
+def authorization(token: str, scheme: str = "auto") -> str:
+    """The Authorization header: `Token <t>`, or `JWT <t>` for scheme "jwt", or for "auto" when
+    the token has JWT_MIN_LENGTH characters or more."""
+    jwt = scheme == "jwt" or (scheme == "auto" and len(token) >= JWT_MIN_LENGTH)
+    return f"{'JWT' if jwt else 'Token'} {token}"
 
 
 def _is_retryable(code: int) -> bool:
@@ -172,7 +179,8 @@ class ApiClient:
         self._stop = stop
         self._sleep = sleep
         self._timeout = (api.connect_timeout_s, api.timeout_s)
-        self._headers = {"Authorization": f"Token {token}", "Content-Type": "application/json",
+        self._headers = {"Authorization": authorization(token, api.auth_scheme),
+                         "Content-Type": "application/json",
                          "Accept": "application/json", "Accept-Encoding": "gzip, deflate",
                          "User-Agent": f"ximrun/{__version__}"}
         self._http = pool_manager(endpoint_url, max(1, api.concurrency), self._timeout,
