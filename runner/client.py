@@ -390,8 +390,13 @@ class ApiClient:
             batch.attempts[r.id] = batch.attempts.get(r.id, 0) + 1
         if batch.on_attempt is not None:
             batch.on_attempt([r.id for r in group], batch.requests)
-        started = time.monotonic()
-        reply = self._exchange(batch, group)
+        started = self.breaker.began()
+        reply: _Reply | None = None
+        try:
+            reply = self._exchange(batch, group)
+        finally:
+            self.breaker.ended(started, reply.error if reply and reply.kind == "retry" else None,
+                               answered=reply is not None)
         if reply.unsent:
             # No connection was made: not a send, not billed, not an attempt of these records.
             for r in group:
@@ -399,10 +404,6 @@ class ApiClient:
             if batch.on_unsent is not None:
                 batch.on_unsent([r.id for r in group], batch.requests)
             batch.requests -= 1
-        if reply.kind == "retry":
-            self.breaker.request_failed(started, reply.error)
-        else:
-            self.breaker.request_ok()
         return reply
 
     def _exchange(self, batch: _Submission, group: list[RequestRecord]) -> _Reply:

@@ -206,10 +206,13 @@ class Breaker:
     """The circuit breaker: says when the service has been failing long enough to stop sending.
 
     It opens when `failures` batches in a row ended with their retries run out on failures of the
-    service (and no record answered), or when every request for `window_s` seconds failed (from
-    the start of the first failed request after the last one the service answered). A success
-    closes nothing once it is open: the run that owns it stops taking batches and exits 69.
-    Shared by every request thread of one client.
+    service (no record of theirs answered), or when every request for `window_s` seconds failed,
+    counted from the start of the first failed request after the last one the service answered:
+    it opens when a failure is reported that late, or as soon as that late with no request in
+    flight (all waiting before a retry, say after a long Retry-After). A request still in flight
+    may yet be answered, so a slow service is not taken for a dead one. Once open it stays open:
+    the run that owns it stops taking batches and exits 69. Shared by every request thread of
+    one client.
     """
 
     def __init__(self, failures: int, window_s: float, *,
@@ -218,6 +221,7 @@ class Breaker:
         self.window_s = window_s
         self._clock = clock
         self._lock = threading.Lock()
+        self._in_flight = 0
         self._failed_batches = 0
         self._failed_requests = 0
         self._failing_since: float | None = None  # the clock's time
@@ -226,21 +230,27 @@ class Breaker:
         self.why: str | None = None  # set when it opens
         self.opened = threading.Event()
 
-    def request_ok(self) -> None:
-        """The service answered a request (records, or a refusal of them)."""
+    def began(self) -> float:
+        """A request leaves; returns its start, on the breaker's clock, for `ended`."""
         with self._lock:
-            self._failing_since = self._failing_since_wall = None
-            self._failed_requests = 0
+            self._in_flight += 1
+        return self._clock()
 
-    def request_failed(self, started: float, error: str) -> None:
-        """A request failed with the service's failure; `started` on the breaker's clock."""
+    def ended(self, started: float, error: str | None = None, *, answered: bool = True) -> None:
+        """A request ended: answered by the service (`error` None), failed with the service's
+        failure (`error`), or neither (an exception of ours: `answered` False)."""
         with self._lock:
-            if self._failing_since is None:
-                self._failing_since = started
-                self._failing_since_wall = time.time() - (self._clock() - started)
-            self._failed_requests += 1
-            self._last_error = error
-            self._check()
+            self._in_flight = max(0, self._in_flight - 1)
+            if error is not None:
+                if self._failing_since is None:
+                    self._failing_since = started
+                    self._failing_since_wall = time.time() - (self._clock() - started)
+                self._failed_requests += 1
+                self._last_error = error
+                self._check(reported=True)
+            elif answered:
+                self._failing_since = self._failing_since_wall = None
+                self._failed_requests = 0
 
     def batch_done(self, answered: bool, error: str | None = None) -> None:
         """A batch ended: `answered` if a record got the API's word, else (with `error`) its
@@ -255,30 +265,32 @@ class Breaker:
             if self._failing_since is None:
                 self._failing_since = self._clock()
                 self._failing_since_wall = time.time()
-            self._check()
+            self._check(reported=True)
 
     def is_open(self) -> bool:
         if self.opened.is_set():
             return True
         with self._lock:
-            return self._check()
+            return self._check(reported=False)
 
     def since(self) -> float | None:
         """When the failures began (time.time()), if they have."""
         with self._lock:
             return self._failing_since_wall
 
-    def _check(self) -> bool:
+    def _check(self, *, reported: bool) -> bool:
         if self.opened.is_set():
             return True
         since = self._failing_since
         if self._failed_batches >= self.failures:
             why = f"{self._failed_batches} batch(es) in a row ran out of retries"
-        elif since is not None and self._clock() - since >= self.window_s:
+        elif (since is not None and self._clock() - since >= self.window_s
+              and (reported or self._in_flight == 0)):
             why = f"every request failed for {self.window_s:g}s"
         else:
             return False
-        self.why = f"{why}; last error: {self._last_error}"
+        self.why = (f"{why} ({self._failed_requests} request(s) failed); "
+                    f"last error: {self._last_error}")
         self.opened.set()
         log.warning("the API looks unavailable (%s): the circuit breaker opened", self.why)
         return True

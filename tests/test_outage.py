@@ -140,6 +140,31 @@ def test_breaker_s_bounds_a_run_whatever_max_retries_says(tmp_path):
         assert sb.credits_used == 0
 
 
+def test_a_service_that_hangs_is_given_up_within_breaker_s_plus_two_time_outs(tmp_path):
+    """Connections are accepted (by the kernel) and never answered: every request times out."""
+    make_images(tmp_path / "imgs", 40)
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(128)
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}/collectibles/v2/tcg_id"
+        job = job_file(tmp_path, url, tmp_path / "imgs",
+                       "max_retries = 100\nbreaker_failures = 1000\nbreaker_s = 2\n"
+                       "timeout_s = 1\nconcurrency = 4")
+        started = time.monotonic()
+        res = invoke("run", str(job), "--json")
+        took = time.monotonic() - started
+    assert res.exit_code == 69, res.output
+    assert took < 2 + 2 * 1 + 1.5, took  # README's bound, and a little for the run's own work
+    summary = json.loads(res.stdout)
+    assert "every request failed for 2s" in summary["message"]
+    assert "timeout after 1s" in summary["message"]
+    rows = export(job)
+    assert all(r["state"] == "pending" for r in rows.values())
+    # these requests did connect: they may have been billed, so they count
+    assert summary["requests"] > 0 and all(r["sends"] >= 1 for r in rows.values()
+                                           if r["reason"])
+
+
 @pytest.mark.parametrize("line, message", [
     ("breaker_failures = 0", "api.breaker_failures: 0 is out of range (1..1000)"),
     ("breaker_s = 0.0", "api.breaker_s: 0.0 is out of range (0.1..3600)"),
@@ -165,15 +190,25 @@ def test_the_breaker_counts_batches_in_a_row_and_times_failing_requests():
     assert b.is_open() and "3 batch(es) in a row" in b.why and "http 503: down" in b.why
 
     b = Breaker(5, 10.0, clock=lambda: now[0])
-    b.request_failed(now[0], "connection failed (refused)")
+    b.ended(b.began(), "connection failed (refused)")
     now[0] += 9
     assert not b.is_open()
-    b.request_ok()  # the service answered: the window starts again
-    b.request_failed(now[0], "connection failed (refused)")
-    now[0] += 9.9
+    b.ended(b.began())  # the service answered: the window starts again
+    b.ended(b.began(), "connection failed (refused)")
+    slow = b.began()  # a slow request in flight may yet be answered: no verdict without it
+    now[0] += 15
     assert not b.is_open()
-    now[0] += 0.1
+    b.ended(slow)
+    assert not b.is_open()
+    # failures for 10s: a late failure opens it, or the time alone once nothing is in flight
+    b.ended(b.began(), "http 503: down")
+    now[0] += 10
+    b.ended(b.began(), "http 503: down")
     assert b.is_open() and "every request failed for 10s" in b.why
+    b = Breaker(5, 10.0, clock=lambda: now[0])
+    b.ended(b.began(), "http 429: slow down")  # then everyone waits out a long Retry-After
+    now[0] += 10
+    assert b.is_open() and "http 429: slow down" in b.why
 
 
 # --- a request that never connected is not a send -----------------------------------------------
