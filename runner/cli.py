@@ -152,7 +152,9 @@ def _print_summary(s: Any, as_json: bool) -> None:
                  f"(difference {s.account_after - s.account_before})")
     out.append(line)
     if s.pending:
-        out.append(f"  pending {s.pending}: the next run continues")
+        why = (f" ({s.unavailable} after failures of the service)"
+               if s.unavailable else "")
+        out.append(f"  pending {s.pending}{why}: the next run continues")
     if s.missing:
         out.append(f"  missing {s.missing}: known images no longer listed by the sources")
     if s.skipped_rows:
@@ -169,7 +171,9 @@ def _print_summary(s: Any, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Same as `ximrun plan`: nothing is sent.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--dask", "dask_address", help="Run on this Dask scheduler (tcp://host:8786).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and the summary.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="For cron: nothing at all when the run exits 0; warnings and errors, and the "
+                   "summary only when it exits non-zero.")
 @click.option("-v", "--verbose", count=True, help="More log lines (-vv: debug).")
 def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_json: bool,
         dask_address: str | None, quiet: bool, verbose: int) -> None:
@@ -200,7 +204,8 @@ def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_
         return
     finally:
         progress.close()
-    _print_summary(summary, as_json)
+    if not (quiet and summary.exit_code == ExitCode.OK):
+        _print_summary(summary, as_json)
     sys.exit(summary.exit_code)
 
 

@@ -25,9 +25,16 @@ from urllib3.exceptions import HTTPError as TransportError
 
 from runner import __version__
 from runner.errors import AuthError, brief
-from runner.job import ApiConfig
+from runner.job import JWT_MIN_LENGTH, ApiConfig
 from runner.records import RecordOutcome, RequestRecord
-from runner.transport import AdaptiveLimit, environ_proxy, pool_manager, transport_error
+from runner.transport import (
+    AdaptiveLimit,
+    Breaker,
+    environ_proxy,
+    never_sent,
+    pool_manager,
+    transport_error,
+)
 
 log = logging.getLogger("ximrun.client")
 
@@ -39,6 +46,13 @@ RETRY_HTTP = frozenset({408, 429, 500, 502, 503, 504})
 BISECT_HTTP = frozenset({400, 413})
 
 AttemptFn = Callable[[Sequence[str], int], None]
+
+
+def authorization(token: str, scheme: str = "auto") -> str:
+    """The Authorization header: `Token <t>`, or `JWT <t>` for scheme "jwt", or for "auto" when
+    the token has JWT_MIN_LENGTH characters or more."""
+    jwt = scheme == "jwt" or (scheme == "auto" and len(token) >= JWT_MIN_LENGTH)
+    return f"{'JWT' if jwt else 'Token'} {token}"
 
 
 def _is_retryable(code: int) -> bool:
@@ -102,11 +116,32 @@ class _Submission:
     """Book-keeping of one submit_batch call across its requests, retries and bisections."""
 
     on_attempt: AttemptFn | None
+    on_unsent: AttemptFn | None = None
     requests: int = 0
     retries: int = 0
     attempts: dict[str, int] = field(default_factory=dict)
     outcomes: dict[str, RecordOutcome] = field(default_factory=dict)
     last_error: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+
+
+class _Halt:
+    """A stop (a signal) or the breaker open, as one thing to wait on."""
+
+    POLL_S = 0.1
+
+    def __init__(self, stop: threading.Event | None, breaker: Breaker) -> None:
+        self.stop = stop
+        self.breaker = breaker
+
+    def is_set(self) -> bool:
+        return (self.stop is not None and self.stop.is_set()) or self.breaker.is_open()
+
+    def wait(self, timeout: float) -> bool:
+        if self.stop is not None:
+            self.stop.wait(timeout)
+        else:
+            self.breaker.opened.wait(timeout)
+        return self.is_set()
 
 
 @dataclass(frozen=True)
@@ -118,6 +153,7 @@ class _Reply:
     status: int | None = None
     retry_after: float | None = None
     records: tuple[tuple[RequestRecord, Mapping[str, Any]], ...] = ()
+    unsent: bool = False  # the request never reached the service (no connection was made)
 
 
 class ApiClient:
@@ -137,11 +173,14 @@ class ApiClient:
         self.api = api
         self.fields = dict(api.fields if fields is None else fields)
         self.limit = AdaptiveLimit(max(1, api.concurrency))
+        self.breaker = Breaker(api.breaker_failures, api.breaker_s)
+        self._halt = _Halt(stop, self.breaker)  # a stop, or the breaker open: send nothing more
         self._token = token
         self._stop = stop
         self._sleep = sleep
         self._timeout = (api.connect_timeout_s, api.timeout_s)
-        self._headers = {"Authorization": f"Token {token}", "Content-Type": "application/json",
+        self._headers = {"Authorization": authorization(token, api.auth_scheme),
+                         "Content-Type": "application/json",
                          "Accept": "application/json", "Accept-Encoding": "gzip, deflate",
                          "User-Agent": f"ximrun/{__version__}"}
         self._http = pool_manager(endpoint_url, max(1, api.concurrency), self._timeout,
@@ -153,19 +192,26 @@ class ApiClient:
     # --- public API -----------------------------------------------------------------------------
 
     def submit_batch(self, records: Sequence[RequestRecord],
-                     on_attempt: AttemptFn | None = None) -> list[RecordOutcome]:
+                     on_attempt: AttemptFn | None = None,
+                     on_unsent: AttemptFn | None = None) -> list[RecordOutcome]:
         """Send records (retrying, bisecting as needed); one outcome per record, in input order.
 
         `on_attempt(ids, n)` runs before every HTTP request, so the caller can record that these
-        records may be billed. Raises AuthError when the API refuses the token.
+        records may be billed; `on_unsent(ids, n)` runs after one that never connected (nothing
+        of it reached the service), and it is not counted in the outcomes' `attempts`. Raises
+        AuthError when the API refuses the token.
         """
         records = list(records)
         for r in records:
             if r.data is None and r.url is None:
                 raise ValueError(f"record {r.id!r} has neither bytes nor a URL")
-        batch = _Submission(on_attempt)
+        batch = _Submission(on_attempt, on_unsent)
         if records:
             self._send(batch, records)
+            final = [o for o in batch.outcomes.values() if o.final]
+            given_up = [o for o in batch.outcomes.values() if o.unavailable]
+            if final or given_up:
+                self.breaker.batch_done(bool(final), given_up[0].reason if given_up else None)
         out = []
         for r in records:
             o = batch.outcomes.get(r.id)
@@ -210,8 +256,12 @@ class ApiClient:
         """Settle every record of `group` in batch.outcomes: answered, failed, or stopped."""
         pending = group
         while pending:
-            if not self.limit.acquire(self._stop):
-                self._stopped_outcomes(batch, pending)
+            if not self.limit.acquire(self._halt):
+                self._halted_outcomes(batch, pending)
+                return
+            if self.breaker.is_open():
+                self.limit.release()
+                self._halted_outcomes(batch, pending)
                 return
             try:
                 answer = self._request(batch, pending)
@@ -234,18 +284,17 @@ class ApiClient:
             if not again:
                 return
             if batch.retries >= self.api.max_retries:
-                log.info("%d record(s) failed after %d retries: %s", len(again), batch.retries,
-                         _retry_reason(batch, again))
-                for r in again:
-                    error, status = batch.last_error[r.id]
-                    self._set_outcome(batch, r, ok=False, reason=error, status=status)
+                # The service failed them, not their records: they stay pending for the next run.
+                log.info("%d record(s) left pending after %d retries: %s", len(again),
+                         batch.retries, _retry_reason(batch, again))
+                self._unavailable_outcomes(batch, again)
                 return
             batch.retries += 1
             delay = self._delay(batch.retries, answer.retry_after)
             log.debug("%d of %d record(s): %s; retry %d/%d in %.1fs", len(again), len(group),
                      _retry_reason(batch, again), batch.retries, self.api.max_retries, delay)
             if self._pause(delay):
-                self._stopped_outcomes(batch, again)
+                self._halted_outcomes(batch, again)
                 return
             pending = again
 
@@ -294,6 +343,20 @@ class ApiClient:
     def _set_outcome(self, batch: _Submission, r: RequestRecord, **kw: Any) -> None:
         batch.outcomes[r.id] = RecordOutcome(r.id, **kw)
 
+    def _halted_outcomes(self, batch: _Submission, records: Sequence[RequestRecord]) -> None:
+        """Nothing more is sent: a stop came (stopped), or the breaker opened (unavailable)."""
+        if self._stopped():
+            self._stopped_outcomes(batch, records)
+        else:
+            self._unavailable_outcomes(batch, records)
+
+    def _unavailable_outcomes(self, batch: _Submission, records: Sequence[RequestRecord]) -> None:
+        for r in records:
+            error, status = batch.last_error.get(
+                r.id, (f"not sent: the API is unavailable ({self.breaker.why})", None))
+            self._set_outcome(batch, r, ok=False, reason=error, status=status, final=False,
+                              unavailable=True)
+
     def _stopped_outcomes(self, batch: _Submission, records: Sequence[RequestRecord]) -> None:
         for r in records:
             batch.outcomes[r.id] = RecordOutcome(r.id, ok=False, reason=STOPPED, final=False)
@@ -305,11 +368,16 @@ class ApiClient:
         return random.uniform(0, min(self.BACKOFF_CAP_S, self.BACKOFF_BASE_S * 2 ** (retry_no - 1)))
 
     def _pause(self, delay: float) -> bool:
-        """Wait before a retry; True if a stop came meanwhile (then the wait ends at once)."""
-        if self._stop is not None and self._sleep is time.sleep:
-            return self._stop.wait(delay)
+        """Wait before a retry; True if a stop came or the breaker opened meanwhile (then the
+        wait ends within a tenth of a second)."""
+        if self._sleep is time.sleep:
+            end = time.monotonic() + delay
+            while (left := end - time.monotonic()) > 0:
+                if self._halt.wait(min(left, self._halt.POLL_S)):
+                    return True
+            return self._halt.is_set()
         self._sleep(delay)
-        return self._stopped()
+        return self._halt.is_set()
 
     def _stopped(self) -> bool:
         return self._stop is not None and self._stop.is_set()
@@ -322,6 +390,23 @@ class ApiClient:
             batch.attempts[r.id] = batch.attempts.get(r.id, 0) + 1
         if batch.on_attempt is not None:
             batch.on_attempt([r.id for r in group], batch.requests)
+        started = self.breaker.began()
+        reply: _Reply | None = None
+        try:
+            reply = self._exchange(batch, group)
+        finally:
+            self.breaker.ended(started, reply.error if reply and reply.kind == "retry" else None,
+                               answered=reply is not None)
+        if reply.unsent:
+            # No connection was made: not a send, not billed, not an attempt of these records.
+            for r in group:
+                batch.attempts[r.id] -= 1
+            if batch.on_unsent is not None:
+                batch.on_unsent([r.id for r in group], batch.requests)
+            batch.requests -= 1
+        return reply
+
+    def _exchange(self, batch: _Submission, group: list[RequestRecord]) -> _Reply:
         try:
             # No redirects: a redirected POST would become a GET without its body. The pool
             # never retries on its own (retries=False): every try is counted here.
@@ -329,8 +414,10 @@ class ApiClient:
                                       headers=self._headers, redirect=False)
         except TransportError as exc:
             # urllib3 already replaces a pooled connection found dead before sending; what reaches
-            # here may have been sent and billed, so it counts as an attempt like any other.
-            return _Reply("retry", error=self._redact(transport_error(exc, self._timeout)))
+            # here may have been sent and billed, so it counts as an attempt like any other,
+            # unless no connection was ever made.
+            return _Reply("retry", error=self._redact(transport_error(exc, self._timeout)),
+                          unsent=never_sent(exc))
         return self._read_answer(resp, group)
 
     def _read_answer(self, resp: urllib3.BaseHTTPResponse, group: list[RequestRecord]

@@ -18,6 +18,8 @@ class ExitCode(IntEnum):
     STOPPED = 3  # stopped early by the budget or --limit; the next run continues
     INTERRUPTED = 4  # SIGINT/SIGTERM after a clean checkpoint; the next run continues
     AUTH = 5  # the API refused the token; nothing more was sent
+    UNAVAILABLE = 69  # the API was unavailable (the circuit breaker opened, or retries ran out on
+    # service failures): the images it failed are still pending, the next run continues
     LOCKED = 75  # another run of the same state database is in progress
     ABORTED = 130  # a second Ctrl-C, or a signal while a command other than run started
 

@@ -27,6 +27,8 @@ ENDPOINT_BATCH_CAPS = {
     "upscaler/8x/upscale": 1,
 }
 SANDBOX_DEFAULT_PATH = "collectibles/v2/tcg_id"
+AUTH_SCHEMES = ("token", "jwt", "auto")
+JWT_MIN_LENGTH = 70  # "auto": a token this long is a JWT
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class ApiConfig:
     timeout_s: float = 60.0
     connect_timeout_s: float = 10.0
     max_retries: int = 5
+    breaker_failures: int = 5  # batches in a row whose retries ran out on the service's failures
+    breaker_s: float = 30.0  # or every request failed for this long: stop, exit 69
+    auth_scheme: str = "auto"  # "token" | "jwt" | "auto" (JWT for tokens of 70+ characters)
 
 
 @dataclass(frozen=True)
@@ -277,6 +282,11 @@ def parse_job(text: str, path: Path, env: Mapping[str, str] | None = None, *,
     _range("api.timeout_s", api.timeout_s, 0.1)
     _range("api.connect_timeout_s", api.connect_timeout_s, 0.1)
     _range("api.max_retries", api.max_retries, 0, 100)
+    _range("api.breaker_failures", api.breaker_failures, 1, 1000)
+    _range("api.breaker_s", api.breaker_s, 0.1, 3600)
+    if api.auth_scheme not in AUTH_SCHEMES:
+        raise JobError(f"api.auth_scheme: {api.auth_scheme!r} must be \"token\", \"jwt\" or "
+                       "\"auto\"")
     if "records" in api.fields:
         raise JobError("api.fields: 'records' is built by ximrun and cannot be a field")
 

@@ -64,6 +64,9 @@ class RecordOutcome:
     attempts: int = 1  # how many requests carried this record
     too_large: bool = False  # the API said the payload was too large (the caller may downscale)
     final: bool = True  # False: no answer was had (a stop came first); the image stays pending
+    # The service failed, not this record (connection, timeout, 5xx, 429 after the retries):
+    # not final either, so the image stays pending for the next run.
+    unavailable: bool = False
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,13 @@ DriveFn = Callable[["Run"], tuple[str | None, bool]]
 
 
 def submit_prepared(job: Job, client: ApiClient, batch: Sequence[Ready],
-                    on_attempt: AttemptFn) -> list[RecordOutcome]:
+                    on_attempt: AttemptFn, on_unsent: AttemptFn | None = None
+                    ) -> list[RecordOutcome]:
     """Send one batch; a record the API found too large goes once more, downscaled, if max_side
-    allows. `on_attempt` runs before every request; raises AuthError."""
-    outcomes = client.submit_batch([r.record for r in batch], on_attempt=on_attempt)
+    allows. `on_attempt` runs before every request, `on_unsent` after one that never connected;
+    raises AuthError."""
+    outcomes = client.submit_batch([r.record for r in batch], on_attempt=on_attempt,
+                                   on_unsent=on_unsent)
     if job.images.max_side <= 0 or not any(o.too_large for o in outcomes):
         return outcomes
     by_key = {r.item.key: r for r in batch}
@@ -52,7 +55,8 @@ def submit_prepared(job: Job, client: ApiClient, batch: Sequence[Ready],
              if (smaller := prepare_smaller(job, by_key[o.id])) is not None]
     if not again:
         return outcomes
-    second = {o.id: o for o in client.submit_batch(again, on_attempt=on_attempt)}
+    second = {o.id: o for o in client.submit_batch(again, on_attempt=on_attempt,
+                                                   on_unsent=on_unsent)}
     return [second.get(o.id, o) for o in outcomes]
 
 
@@ -88,6 +92,7 @@ class Run:
         self.run_id = 0
         self.auth_error: AuthError | None = None
         self.sending = 0  # batches handed to the request threads and not finished
+        self.service_error: str | None = None  # the last failure of the service, not a record's
 
     # listing and classification
 
@@ -160,8 +165,9 @@ class Run:
         if self.auth_error is not None:
             s.status, s.exit_code, s.message = "auth_refused", ExitCode.AUTH, str(self.auth_error)
         else:
-            with contextlib.suppress(AuthError):
-                s.account_after = _credits_counter(self.client.account_details())
+            if stopped_by != "unavailable":  # a dead service would only make the run wait
+                with contextlib.suppress(AuthError):
+                    s.account_after = _credits_counter(self.client.account_details())
             if listing_complete:
                 src = self.job.source
                 self.store.mark_missing(self.job.name, self.run_id,
@@ -170,8 +176,19 @@ class Run:
             failed = self.store.count_listed(self.job.name, FAILED)
             if stopped_by == "interrupted":
                 s.status, s.exit_code = "interrupted", ExitCode.INTERRUPTED
+            elif stopped_by == "unavailable":
+                s.status, s.exit_code = "api_unavailable", ExitCode.UNAVAILABLE
+                s.message = self._unavailable_message(s.pending, failed)
             elif stopped_by in ("budget", "limit") and s.pending:
                 s.status, s.exit_code = f"stopped_by_{stopped_by}", ExitCode.STOPPED
+            elif s.unavailable and s.pending:
+                # The service failed some batches to the end of their retries: nothing of theirs
+                # is marked failed, and the next plain run sends them.
+                s.status, s.exit_code = "finished_with_pending", ExitCode.UNAVAILABLE
+                s.message = (f"{s.pending} image(s) left pending: the API failed "
+                             f"{s.unavailable} image(s) after their retries (last error: "
+                             f"{self.service_error}); the next run sends them"
+                             + (f"; {failed} image(s) failed" if failed else ""))
             elif failed:
                 s.status, s.exit_code = "finished_with_failures", ExitCode.FAILURES
                 s.message = f"{failed} image(s) failed; see `ximrun status` or `ximrun export`"
@@ -184,11 +201,14 @@ class Run:
         return s
 
     def stop_reason(self, stopped_by: str | None) -> str | None:
-        """Nothing more is sent after a refused token ("auth") or a signal ("interrupted")."""
+        """Nothing more is sent after a refused token ("auth"), a signal ("interrupted") or once
+        the circuit breaker opened ("unavailable")."""
         if self.auth_error is not None:
             return "auth"
         if self.stop.is_set() and stopped_by is None:
             return "interrupted"
+        if stopped_by is None and self.client.breaker.is_open():
+            return "unavailable"
         return stopped_by
 
     def wind_up(self, listing: Iterator[Listed], stopped_by: str | None, limited: bool,
@@ -276,8 +296,13 @@ class Run:
             requests += 1
             self.record_attempt(batch_no, requests, ids)
 
+        def on_unsent(ids: Any, attempt: int) -> None:
+            nonlocal requests
+            self.forget_attempt(batch_no, requests)  # always the last one: a batch is sequential
+            requests -= 1
+
         try:
-            outcomes = submit_prepared(self.job, self.client, batch, on_attempt)
+            outcomes = submit_prepared(self.job, self.client, batch, on_attempt, on_unsent)
         except AuthError:
             self.unreserve(len(batch))
             raise
@@ -300,6 +325,13 @@ class Run:
         self.store.record_attempt(self.job.name, self.run_id, batch_no, attempt, list(ids))
         with self._lock:
             self.summary.requests += 1
+
+    def forget_attempt(self, batch_no: int, attempt: int) -> None:
+        """The request never connected: nothing reached the service, so its row goes (and it is
+        no request of this run). Its row was written before it left, as every request's is."""
+        self.store.forget_attempt(self.run_id, batch_no, attempt)
+        with self._lock:
+            self.summary.requests -= 1
 
     def unreserve(self, n: int) -> None:
         with self._lock:
@@ -340,6 +372,11 @@ class Run:
             s.credits += credits
             for a in answers:
                 if not a.outcome.final:
+                    if a.outcome.unavailable:
+                        s.unavailable += 1
+                        if a.outcome.attempts > 0:
+                            s.sent += 1
+                        self.service_error = a.outcome.reason
                     continue
                 s.sent += 1
                 n_follow = len(a.followers)
@@ -380,6 +417,19 @@ class Run:
                     late_failed += [(it, f"same bytes as {a.item.key}: {o.reason}")
                                     for it in late]
         return late_reused, late_failed
+
+
+    def _unavailable_message(self, pending: int, failed: int) -> str:
+        breaker = self.client.breaker
+        since = breaker.since()
+        when = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+                if since is not None else "?")
+        text = (f"the API is unavailable since {when}: {breaker.why}; the circuit breaker "
+                f"opened and no new batch was sent. {pending} image(s) left pending, none "
+                "marked failed for it; the next run continues")
+        if failed:
+            text += f" ({failed} image(s) failed: the API refused their records)"
+        return text
 
 
 def _credits_counter(details: dict[str, Any] | None) -> int | None:

@@ -370,6 +370,17 @@ class Store:
 
         return record
 
+    def forget_attempt(self, run_id: int, batch: int, attempt: int) -> None:
+        """A request that never connected: its attempts row goes, and it is no request of the
+        run. Returns once committed."""
+        def forget(c: sqlite3.Connection) -> None:
+            gone = c.execute("DELETE FROM attempts WHERE run_id = ? AND batch = ? AND attempt = ? "
+                             "AND closed_at IS NULL", (run_id, batch, attempt)).rowcount
+            if gone:
+                self._counts.add(run_id, requests=-gone)
+
+        self.db.write_waited("forget_attempt", forget)
+
     def record_batch(self, job: str, run_id: int, batch: int, answers: Sequence[BatchAnswer], *,
                      request_sig: str, prep_sig: str, per_image: int) -> int:
         """One transaction per answered batch (or one for several answered together): outcomes,
@@ -381,7 +392,12 @@ class Store:
         for a in answers:
             o = a.outcome
             if not o.final:
-                rows_sends.append((o.attempts, now, job, a.item.key))
+                # Pending still: a stop came first, or the service failed (then its last error
+                # is kept as the reason, and the images count as sent if a request left).
+                if o.unavailable and o.attempts > 0:
+                    sent += 1
+                rows_sends.append((o.attempts, o.reason if o.unavailable else None, now, job,
+                                   a.item.key))
                 continue
             sent += 1
             result = compact_json(o.record) if o.record is not None else None
@@ -420,8 +436,8 @@ class Store:
                     "request_sig = NULL, sends = sends + ?, updated_at = ? "
                     "WHERE job = ? AND key = ?", rows_failed)
             if rows_sends:
-                c.executemany("UPDATE items SET sends = sends + ?, updated_at = ? "
-                              "WHERE job = ? AND key = ?", rows_sends)
+                c.executemany("UPDATE items SET sends = sends + ?, reason = coalesce(?, reason), "
+                              "updated_at = ? WHERE job = ? AND key = ?", rows_sends)
             c.execute("UPDATE attempts SET closed_at = ? WHERE run_id = ? AND batch = ? "
                       "AND closed_at IS NULL", (now, run_id, batch))
             self._counts.add(run_id, sent=sent, done=done, failed=failed, reused=reused,

@@ -50,6 +50,7 @@ class Summary:
     credits: int = 0
     credits_saved: int = 0
     pending: int = 0
+    unavailable: int = 0  # images left pending because the service failed (not their records)
     missing: int = 0
     budget: int = 0
     account_before: int | None = None

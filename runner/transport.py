@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import urllib3
@@ -29,6 +29,12 @@ from urllib3.exceptions import TimeoutError as TransportTimeout
 from runner.errors import JobError, brief
 
 log = logging.getLogger("ximrun.client")
+
+
+class Flag(Protocol):
+    """What a waiter looks at to give up: a threading.Event, or anything with is_set()."""
+
+    def is_set(self) -> bool: ...
 
 
 class AdaptiveLimit:
@@ -58,7 +64,7 @@ class AdaptiveLimit:
         with self._cond:
             return self._in_flight
 
-    def acquire(self, stop: threading.Event | None = None) -> bool:
+    def acquire(self, stop: Flag | None = None) -> bool:
         """Block until a slot is free; False (and no slot taken) once `stop` is set."""
         with self._cond:
             while True:
@@ -97,6 +103,14 @@ class AdaptiveLimit:
                 self._limit += 1
                 log.debug("requests in flight capped at %d (was %d)", self._limit, self._limit - 1)
                 self._cond.notify()
+
+
+def never_sent(exc: TransportError) -> bool:
+    """Whether the request surely never reached the service: no connection was made (refused,
+    DNS, a connect timeout; NameResolutionError and NewConnectionError are ConnectTimeoutErrors),
+    or the proxy could not be reached (urllib3 says ProxyError only before it connected to it).
+    Anything later may have handed the body to the socket."""
+    return isinstance(exc, (ConnectTimeoutError, ProxyError))
 
 
 def transport_error(exc: TransportError, timeout: tuple[float, float]) -> str:
@@ -183,3 +197,97 @@ def _caused_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bo
         cur = cur.__cause__ or cur.__context__
         seen += 1
     return False
+
+
+class Breaker:
+    """The circuit breaker: says when the service has been failing long enough to stop sending.
+
+    It opens when `failures` batches in a row ended with their retries run out on failures of the
+    service (no record of theirs answered), or when every request for `window_s` seconds failed,
+    counted from the start of the first failed request after the last one the service answered:
+    it opens when a failure is reported that late, or as soon as that late with no request in
+    flight (all waiting before a retry, say after a long Retry-After). A request still in flight
+    may yet be answered, so a slow service is not taken for a dead one. Once open it stays open:
+    the run that owns it stops taking batches and exits 69. Shared by every request thread of
+    one client.
+    """
+
+    def __init__(self, failures: int, window_s: float, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures = max(1, failures)
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._failed_batches = 0
+        self._failed_requests = 0
+        self._failing_since: float | None = None  # the clock's time
+        self._failing_since_wall: float | None = None  # the same instant, as time.time()
+        self._last_error = ""
+        self.why: str | None = None  # set when it opens
+        self.opened = threading.Event()
+
+    def began(self) -> float:
+        """A request leaves; returns its start, on the breaker's clock, for `ended`."""
+        with self._lock:
+            self._in_flight += 1
+        return self._clock()
+
+    def ended(self, started: float, error: str | None = None, *, answered: bool = True) -> None:
+        """A request ended: answered by the service (`error` None), failed with the service's
+        failure (`error`), or neither (an exception of ours: `answered` False)."""
+        with self._lock:
+            self._in_flight = max(0, self._in_flight - 1)
+            if error is not None:
+                if self._failing_since is None:
+                    self._failing_since = started
+                    self._failing_since_wall = time.time() - (self._clock() - started)
+                self._failed_requests += 1
+                self._last_error = error
+                self._check(reported=True)
+            elif answered:
+                self._failing_since = self._failing_since_wall = None
+                self._failed_requests = 0
+
+    def batch_done(self, answered: bool, error: str | None = None) -> None:
+        """A batch ended: `answered` if a record got the API's word, else (with `error`) its
+        retries ran out on failures of the service."""
+        with self._lock:
+            if answered:
+                self._failed_batches = 0
+                return
+            self._failed_batches += 1
+            if error:
+                self._last_error = error
+            if self._failing_since is None:
+                self._failing_since = self._clock()
+                self._failing_since_wall = time.time()
+            self._check(reported=True)
+
+    def is_open(self) -> bool:
+        if self.opened.is_set():
+            return True
+        with self._lock:
+            return self._check(reported=False)
+
+    def since(self) -> float | None:
+        """When the failures began (time.time()), if they have."""
+        with self._lock:
+            return self._failing_since_wall
+
+    def _check(self, *, reported: bool) -> bool:
+        if self.opened.is_set():
+            return True
+        since = self._failing_since
+        if self._failed_batches >= self.failures:
+            why = f"{self._failed_batches} batch(es) in a row ran out of retries"
+        elif (since is not None and self._clock() - since >= self.window_s
+              and (reported or self._in_flight == 0)):
+            why = f"every request failed for {self.window_s:g}s"
+        else:
+            return False
+        self.why = (f"{why} ({self._failed_requests} request(s) failed); "
+                    f"last error: {self._last_error}")
+        self.opened.set()
+        log.warning("the API looks unavailable (%s): the circuit breaker opened", self.why)
+        return True

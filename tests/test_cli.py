@@ -284,3 +284,48 @@ def test_a_missing_root_is_refused_before_anything_is_sent(tmp_path, sandbox, fo
     res = invoke("run", str(job))
     assert res.exit_code == 2 and "nope" in res.output
     assert sandbox.ledger() == []
+
+
+def test_quiet_prints_nothing_at_all_on_exit_0_and_the_summary_otherwise(tmp_path, sandbox,
+                                                                         folder):
+    (folder / "broken.jpg").unlink()
+    job = write_job(tmp_path, sandbox, folder)
+    for args in (["-q"], ["-q", "--json"]):
+        res = invoke("run", *args, str(job))
+        assert res.exit_code == 0 and res.stdout == "" and res.stderr == "", res.output
+    # a run that does not exit 0 says why, even with -q
+    with Sandbox(SandboxSettings(token=TOKEN, prefuse=1.0)) as sb:
+        job = write_job(tmp_path, sb, folder, name="q2")
+        res = invoke("run", "-q", str(job))
+    assert res.exit_code == 1
+    assert "finished_with_failures" in res.stdout and "failed" in res.stdout
+
+
+LONG_TOKEN = "eyJhbGciOiJIUzI1NiJ9." + "x" * 60  # 81 characters: a JWT for "auto"
+
+
+def test_auth_scheme_picks_the_authorization_header():
+    from runner.client import authorization
+
+    assert authorization("abc") == "Token abc"
+    assert authorization(LONG_TOKEN) == f"JWT {LONG_TOKEN}"
+    assert authorization(LONG_TOKEN[:69]) == f"Token {LONG_TOKEN[:69]}"
+    assert authorization("abc", "jwt") == "JWT abc"
+    assert authorization(LONG_TOKEN, "token") == f"Token {LONG_TOKEN}"
+
+
+@pytest.mark.parametrize("scheme, token", [("jwt", TOKEN), ("auto", LONG_TOKEN),
+                                           ("token", LONG_TOKEN)])
+def test_auth_scheme_runs_end_to_end_against_the_sandbox(tmp_path, folder, scheme, token):
+    with Sandbox(SandboxSettings(token=token)) as sb:
+        job = write_job(tmp_path, sb, folder, api={"auth_scheme": scheme})
+        res = invoke("run", str(job), env={"XIMILAR_TOKEN": token})
+        assert res.exit_code == 0, res.output
+        assert len(sb.ledger()) == 3
+
+
+def test_an_unknown_auth_scheme_is_refused(tmp_path, sandbox, folder):
+    job = write_job(tmp_path, sandbox, folder, api={"auth_scheme": "bearer"})
+    res = invoke("run", str(job))
+    assert res.exit_code == 2
+    assert 'api.auth_scheme: \'bearer\' must be "token", "jwt" or "auto"' in res.output

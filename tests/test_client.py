@@ -231,20 +231,21 @@ def test_a_keep_alive_connection_the_server_closed_while_idle_is_replaced_withou
     assert [n for _, n in seen.calls] == [1, 1]
 
 
-def test_when_retries_run_out_every_record_fails_with_the_last_error():
+def test_when_retries_run_out_every_record_is_left_unavailable_with_the_last_error():
     seen = Attempts()
     with sandbox(p500=1.0) as sb, client_for(sb, max_retries=2) as client:
         out = client.submit_batch(records(3), on_attempt=seen)
     assert len(seen.calls) == 3
     for o in out:
-        assert not o.ok and o.final and o.attempts == 3
+        # a failure of the service, not of the record: not final, the image stays pending
+        assert not o.ok and not o.final and o.unavailable and o.attempts == 3
         assert o.reason.startswith("http 500") and o.status == 500
 
 
 def test_a_request_that_times_out_is_retried_then_fails_saying_so():
     with sandbox(latency_ms=400) as sb, client_for(sb, timeout_s=0.1, max_retries=1) as client:
         out = client.submit_batch(records(2))
-    assert all(not o.ok and o.final and o.attempts == 2 for o in out)
+    assert all(not o.ok and o.unavailable and o.attempts == 2 for o in out)
     assert all(o.reason == "timeout after 0.1s" for o in out)
 
 
@@ -545,7 +546,7 @@ def fake_client(url: str, **api: Any) -> ApiClient:
 def test_an_answer_with_the_wrong_number_of_records_is_a_retryable_bad_answer():
     with fake_api(lambda body, _: ok_json(body["records"][:1])) as url:
         out = fake_client(url).submit_batch(records(2))
-    assert all(not o.ok and o.final and o.attempts == 3 for o in out)
+    assert all(not o.ok and o.unavailable and o.attempts == 3 for o in out)
     assert out[0].reason == "bad answer: 1 records for 2 sent"
 
 
@@ -626,7 +627,7 @@ def test_a_connection_dropped_before_the_answer_is_retried_and_counted():
     assert all(o.ok and o.attempts == 2 for o in out)
     with fake_api(lambda body, _: None) as url:
         out = fake_client(url, max_retries=0).submit_batch(records(1))
-    assert out[0].reason == "connection dropped" and out[0].final and out[0].attempts == 1
+    assert out[0].reason == "connection dropped" and out[0].unavailable and out[0].attempts == 1
 
 
 def test_an_answer_cut_short_is_retried_as_a_connection_dropped_while_reading():
@@ -655,7 +656,7 @@ def test_an_answer_cut_short_is_retried_as_a_connection_dropped_while_reading():
         thread.join(5)
         listener.close()
     assert out[0].reason == "connection dropped while reading the answer"
-    assert out[0].final and out[0].attempts == 2
+    assert out[0].unavailable and out[0].attempts == 2
 
 
 def test_a_gzip_answer_is_read():
@@ -789,7 +790,7 @@ def test_https_is_verified_against_the_ca_bundle_the_environment_names(tmp_path,
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(stranger))
         out = fake_client(url, max_retries=1).submit_batch(records(1))
     assert out[0].reason.startswith("TLS failed") and "certificate verify failed" in out[0].reason
-    assert out[0].final and out[0].attempts == 2
+    assert out[0].unavailable and not out[0].final and out[0].attempts == 2
 
 
 def test_without_a_bundle_named_the_trust_store_is_certifis(monkeypatch):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sqlite3
 import sys
 import threading
 from collections import Counter
@@ -188,3 +190,23 @@ def test_without_distributed_the_run_is_refused_before_anything_happens(tmp_path
     with pytest.raises(JobError, match=r"ximrun\[dask\]"):
         run_job(job)
     assert not job.db_path.exists() and sandbox.ledger() == []
+
+
+def test_an_outage_on_the_cluster_leaves_images_pending_with_no_send_and_exits_69(tmp_path,
+                                                                                  cluster):
+    folder = images(tmp_path / "imgs", 40)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    job = tmp_path / "down.toml"
+    job.write_text(f'name = "down"\n[source]\npaths = ["{folder}/"]\n[api]\n'
+                   f'endpoint = "http://127.0.0.1:{port}/collectibles/v2/tcg_id"\n'
+                   f'batch_size = {BATCH}\nmax_retries = 1\nbreaker_failures = 2\n'
+                   '[state]\ndb = "state/down.db"\n')
+    summary = run_json(job, "--dask", cluster.scheduler.address, exit_code=69)
+    assert summary["status"] == "api_unavailable"
+    assert summary["failed"] == 0 and summary["requests"] == 0 and summary["sent"] == 0
+    assert {r["state"] for r in rows(job).values()} == {"pending"}
+    assert all(r["sends"] == 0 for r in rows(job).values())
+    with sqlite3.connect(tmp_path / "state" / "down.db") as db:
+        assert db.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0

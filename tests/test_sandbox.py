@@ -412,3 +412,12 @@ def test_serve_prints_its_url_and_stops_cleanly_on_ctrl_c():
     finally:
         proc.kill()
     assert proc.returncode == 0 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("scheme", ["Token", "JWT", "jwt"])
+def test_both_the_token_and_the_jwt_scheme_are_accepted(scheme):
+    with sandbox() as sb:
+        resp = post(sb, [rec("a", card(1))], headers={"Authorization": f"{scheme} {TOKEN}"})
+        assert resp.status_code == 200, resp.text
+        resp = post(sb, [rec("a", card(1))], headers={"Authorization": f"{scheme} wrong"})
+        assert resp.status_code == 401 and resp.json() == {"detail": "Invalid token."}

@@ -65,7 +65,7 @@ class Sent:
     """A batch's outcomes and the ids every HTTP request carried, in order."""
 
     outcomes: list[RecordOutcome]
-    requests: list[list[str]]
+    requests: list[tuple[list[str], bool]]  # each request's ids, and whether it connected
 
 
 _clients: dict[str, ApiClient] = {}  # per worker process: pooled connections and one AIMD limit
@@ -108,9 +108,13 @@ def send_batch(w: WorkerJob, keys: Sequence[str], *parts: Prepared) -> Sent:
     for part in parts:
         found.update(part)
     batch = [cast(Ready, found[k]) for k in keys]  # the coordinator sends only Ready images
-    requests: list[list[str]] = []
+    requests: list[tuple[list[str], bool]] = []
+
+    def unsent(ids: Sequence[str], attempt: int) -> None:
+        requests[-1] = (requests[-1][0], False)
+
     outcomes = submit_prepared(w.job, _worker_client(w), batch,
-                               lambda ids, attempt: requests.append(list(ids)))
+                               lambda ids, attempt: requests.append((list(ids), True)), unsent)
     return Sent(outcomes, requests)
 
 
@@ -321,8 +325,20 @@ class _Coordinator:
         if isinstance(sent, BaseException):  # its workers died over and over (KilledWorker)
             log.error("batch %d: no answer from the cluster: %s", batch_no, sent)
             why = f"worker lost while sending (may have been billed): {sent}"
-            sent = Sent([RecordOutcome(r.item.key, ok=False, reason=why) for r in readies], [])
+            sent = Sent([RecordOutcome(r.item.key, ok=False, reason=why) for r in readies],
+                        [([r.item.key for r in readies], True)])  # its row stays: maybe billed
+        # The workers' clients have breakers of their own; this one stops new batches here.
+        final = any(o.final for o in sent.outcomes)
+        given_up = [o.reason for o in sent.outcomes if o.unavailable]
+        if final or given_up:
+            self.run.client.breaker.batch_done(final, given_up[0] if given_up else None)
         # The first request was recorded before the task was submitted; retries after it here.
-        for attempt, ids in enumerate(sent.requests[1:], start=2):
-            self.run.record_attempt(batch_no, attempt, ids)
+        # One that never connected, or never left (a stop, the worker's breaker), is no request.
+        if not sent.requests or not sent.requests[0][1]:
+            self.run.forget_attempt(batch_no, 1)
+        attempt = 1
+        for ids, connected in sent.requests[1:]:
+            if connected:
+                attempt += 1
+                self.run.record_attempt(batch_no, attempt, ids)
         self.run.record_answers(batch_no, readies, sent.outcomes)

@@ -251,7 +251,7 @@ class Emulator:
     # --- internals -------------------------------------------------------------------------
 
     def _check_token(self, authorization: str | None) -> Reply | None:
-        m = re.fullmatch(r"\s*token +(\S+)\s*", authorization or "", re.IGNORECASE)
+        m = re.fullmatch(r"\s*(?:token|jwt) +(\S+)\s*", authorization or "", re.IGNORECASE)
         if m is None:
             return json_reply(401, {"detail": NOT_PROVIDED}, headers={"WWW-Authenticate": "Token"})
         if self.settings.token is not None and m.group(1) != self.settings.token:
