@@ -71,7 +71,7 @@ assert zipfile.ZipFile(wheel).read(dist_info).split() == [b"runner"]
 for need in ("runner/demo/demo.toml", "runner/demo/sample_data/card_heic.heic", "runner/lock.py"):
     assert need in names, f"the wheel lacks {need}"
 members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}
-for need in ("tests/conftest.py", "tests/cli_driver.py", "tests/s3server.py", "tests/test_demo.py",
+for need in ("tests/conftest.py", "tests/driver.py", "tests/s3server.py", "tests/test_demo.py",
              "sample_data/README.md", "sample_data/card_heic.heic", "jobs/demo.toml",
              "runner/demo/sample_data/card_heic.heic", "MANIFEST.in"):
     assert need in members, f"the sdist lacks {need}"
