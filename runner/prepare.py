@@ -35,7 +35,7 @@ def prepare_items(job: Job, items: Sequence[Item]) -> list[Ready | Refused]:
                 out[i] = Refused(item, str(exc), read_failed=True)
         if out[i] is None:
             to_read.append(i)
-    for group in _fetch_groups(items, to_read):
+    for group in fetch_groups(items, to_read):
         data = read_many([items[i] for i in group], job.source)
         for i, got in zip(group, data, strict=True):
             if isinstance(got, ReadError):
@@ -45,7 +45,7 @@ def prepare_items(job: Job, items: Sequence[Item]) -> list[Ready | Refused]:
     return out  # type: ignore[return-value]
 
 
-def _fetch_groups(items: Sequence[Item], indexes: Sequence[int]) -> Iterator[list[int]]:
+def fetch_groups(items: Sequence[Item], indexes: Sequence[int]) -> Iterator[list[int]]:
     """The images read together: a local file alone (read, prepared, let go, then the next);
     remote objects together up to FETCH_BYTES, so that a task of large photos does not hold
     them all at once."""

@@ -206,7 +206,7 @@ def settle(sb: Sandbox, timeout: float = 15) -> list[LedgerEntry]:
     its request is answered (or found cut short), so an empty set means the ledger is complete.
     """
     deadline = time.monotonic() + timeout
-    while sb._server is not None and sb._server._connections:  # noqa: SLF001 (no public view yet)
+    while sb.open_connections:
         if time.monotonic() > deadline:
             pytest.fail("the emulator still serves a killed client's requests")
         time.sleep(0.01)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runner.prepare import FETCH_BYTES, FETCH_UNKNOWN_SIZE, _fetch_groups
+from runner.prepare import FETCH_BYTES, FETCH_UNKNOWN_SIZE, fetch_groups
 from runner.records import Item
 
 
@@ -15,7 +15,7 @@ def test_local_files_are_read_one_at_a_time_and_remote_objects_together_up_to_a_
     items = [item("/photos/a.jpg", 10), item("s3://b/1.jpg", big), item("s3://b/2.jpg", big),
              item("s3://b/3.jpg", big), item("/photos/c.jpg", 1), item("s3://b/4.jpg", None),
              item("s3://b/huge.jpg", 3 * FETCH_BYTES), item("s3://b/5.jpg", 1)]
-    groups = list(_fetch_groups(items, range(len(items))))
+    groups = list(fetch_groups(items, range(len(items))))
     assert groups == [[0], [1, 2], [4], [3, 5], [6], [7]]
     # Every image is read exactly once; no remote group passes the budget unless alone.
     assert sorted(i for g in groups for i in g) == list(range(len(items)))
@@ -26,4 +26,4 @@ def test_local_files_are_read_one_at_a_time_and_remote_objects_together_up_to_a_
 
 def test_small_remote_objects_of_a_task_are_fetched_in_one_group():
     items = [item(f"s3://b/{i}.jpg", 200 * 1024) for i in range(10)]
-    assert list(_fetch_groups(items, [0, 2, 4, 6, 8])) == [[0, 2, 4, 6, 8]]
+    assert list(fetch_groups(items, [0, 2, 4, 6, 8])) == [[0, 2, 4, 6, 8]]

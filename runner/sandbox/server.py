@@ -204,6 +204,16 @@ class Sandbox:
     def endpoint_url(self, path: str = SANDBOX_DEFAULT_PATH) -> str:
         return self.base_url + path.lstrip("/")
 
+    @property
+    def open_connections(self) -> int:
+        """Connections the server holds open now (0 when stopped): once a client is gone, each
+        closes as soon as its request is answered, so 0 means every request was finished."""
+        server = self._server
+        if server is None:
+            return 0
+        with server._connections_lock:
+            return len(server._connections)
+
     def ledger(self) -> list[LedgerEntry]:
         """A copy of every record received so far, in order of arrival."""
         return self._emulator.ledger()
