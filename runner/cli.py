@@ -356,6 +356,26 @@ def retry(job_file: str, reason: str | None) -> None:
     click.echo(f"ximrun: {n} failed image(s) back to pending; `ximrun run` sends them again")
 
 
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              default="report.html", show_default=True, help="The HTML file to write.")
+@click.option("--sample", type=click.IntRange(min=0), default=300, show_default=True,
+              help="How many done images to show (a fixed spread over the job).")
+@click.option("--state", type=click.Choice(list(STATES)),
+              help="Only this state's images (default: failed, rejected and a done sample).")
+@_library_errors
+def report(job_file: str, output: str, sample: int, state: str | None) -> None:
+    """One self-contained HTML page: totals, runs, failures by reason, done images with answers."""
+    from runner.html_report import write_report
+
+    job = _load(job_file, require_token=False)
+    stats = write_report(job, output, sample=sample, state=state)
+    click.echo(f"ximrun: report written to {output} ({stats.bytes / 1e6:.1f} MB, "
+               f"{stats.images_shown} image(s) shown, {stats.thumbnails} thumbnail(s)) in "
+               f"{stats.seconds:.1f}s", err=True)
+
+
 # --- check / sandbox ---------------------------------------------------------------------------
 
 @main.command()
