@@ -311,14 +311,16 @@ class _Page:
         self.w("<ul class=\"reasons\">" + "".join(
             f"<li><a href=\"#{state}-{i}\">{_e(g['grp'])}</a> <b>{g['n']:,}</b></li>"
             for i, g in enumerate(groups)) + "</ul>")
-        # One ordered pass over the state's rows; the window numbers the rows of each group, so
-        # that those past the thumbnail cap come back without their record.
+        # One ordered pass over the state's rows, largest group first as in the list above; the
+        # window numbers the rows of each group, so that those past the thumbnail cap come back
+        # without their record.
         cur = self.conn.execute(
             "SELECT key, uri, size, fingerprint, reason, grp, rn, "
             "CASE WHEN rn <= ? THEN result END AS result FROM ("
             f"SELECT key, uri, size, fingerprint, reason, result, {_GROUP_SQL} AS grp, "
-            f"row_number() OVER (PARTITION BY {_GROUP_SQL} ORDER BY key) AS rn "
-            "FROM items WHERE job = ? AND state = ?) ORDER BY grp, rn",
+            f"row_number() OVER (PARTITION BY {_GROUP_SQL} ORDER BY key) AS rn, "
+            f"count(*) OVER (PARTITION BY {_GROUP_SQL}) AS n "
+            "FROM items WHERE job = ? AND state = ?) ORDER BY n DESC, grp, rn",
             (per_reason, self.job.name, state))
         order = {g["grp"]: i for i, g in enumerate(groups)}
         current: str | None = None
