@@ -20,6 +20,7 @@ from bench import (
     bench_memory,
     bench_pipeline,
     bench_prepare,
+    bench_report,
     bench_resume,
 )
 from bench.fixtures import Figure, all_met, print_figures
@@ -33,6 +34,7 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str]]] = {
     "memory": (bench_memory, ["--images", "30000"], ["--images", "100000"]),
     "listing": (bench_listing, ["--keys", "20000"], ["--keys", "100000"]),
     "dask": (bench_dask, ["--images", "1000"], ["--images", "3000"]),
+    "report": (bench_report, ["--images", "20000"], ["--images", "100000"]),
 }
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "retry_failed",
     "run_job",
     "status_report",
+    "write_report",
 ]
 
 _WHERE = {
@@ -53,6 +54,7 @@ _WHERE = {
     "status_report": "runner.report",
     "export_rows": "runner.report",
     "retry_failed": "runner.report",
+    "write_report": "runner.html_report",
 }
 
 if TYPE_CHECKING:
@@ -67,6 +69,7 @@ if TYPE_CHECKING:
         StateError,
     )
     from runner.executors import run_job
+    from runner.html_report import write_report
     from runner.job import Job, load_job, parse_job
     from runner.plan import plan_job
     from runner.report import export_rows, retry_failed, status_report

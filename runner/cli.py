@@ -22,7 +22,7 @@ from runner.errors import ExitCode, JobError, RunnerError, SourceError
 from runner.job import ImagePolicy, Job, SandboxSettings, load_job, validate_sandbox
 from runner.records import STATES
 
-LOG_EVERY_S = float(os.environ.get("XIMRUN_LOG_EVERY_S", "30"))
+LOG_EVERY_S = 30.0  # the default of `run --stats`: a progress line this often off a terminal
 
 log = logging.getLogger("ximrun")
 # Set by a SIGINT or SIGTERM that came while the command started (runner/launch.py).
@@ -55,7 +55,12 @@ def _load(path: str, *, require_token: bool = True) -> Job:
         raise  # unreachable
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Every option can come from the environment: XIMRUN_<COMMAND>_<OPTION> (`XIMRUN_RUN_STATS=60`).
+ENVVAR_PREFIX = "XIMRUN"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"],
+                               "auto_envvar_prefix": ENVVAR_PREFIX})
 @click.version_option(__version__, prog_name="ximrun")
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -78,10 +83,11 @@ def _default_signals() -> None:
 # --- run / plan --------------------------------------------------------------------------------
 
 class _Progress:
-    """A tqdm bar on a terminal; under cron, a plain line every LOG_EVERY_S seconds instead."""
+    """A tqdm bar on a terminal; under cron, a plain line every `every` seconds instead."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, every: float = LOG_EVERY_S) -> None:
         self.bar = None
+        self.every = every
         self.last_line = time.monotonic()
         self.started = time.monotonic()
         self.enabled = enabled
@@ -105,11 +111,14 @@ class _Progress:
             self.bar.refresh()
             return
         now = time.monotonic()
-        if now - self.last_line >= LOG_EVERY_S:
+        if now - self.last_line >= self.every:
             self.last_line = now
             rate = settled / max(now - self.started, 1e-9)
             log.info("progress: %d/%d settled (done %d, failed %d, rejected %d), %.1f img/s, "
-                     "credits %d", settled, todo, s.done, s.failed, s.rejected, rate, s.credits)
+                     "credits %d", settled, todo, s.done, s.failed, s.rejected, rate, s.credits,
+                     extra={"event": "progress", "settled": settled, "todo": todo,
+                            "done": s.done, "failed": s.failed, "rejected": s.rejected,
+                            "images_per_s": round(rate, 2), "credits": s.credits})
 
     def close(self) -> None:
         if self.bar is not None:
@@ -175,10 +184,28 @@ def _print_summary(s: Any, as_json: bool) -> None:
               help="For cron: nothing at all when the run exits 0; warnings and errors, and the "
                    "summary only when it exits non-zero.")
 @click.option("-v", "--verbose", count=True, help="More log lines (-vv: debug).")
+@click.option("--metrics-file", type=click.Path(dir_okay=False),
+              help="Write the run's metrics here at its end, for node_exporter's textfile "
+                   "collector (overrides [monitoring] metrics_file).")
+@click.option("--log-file", type=click.Path(dir_okay=False),
+              help="Also append the log here (info lines at least, even with -q).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True,
+              help="Of the log file, or of stderr without one: json is one object per line.")
+@click.option("--stats", "stats_every", type=click.FloatRange(min=0, min_open=True),
+              default=LOG_EVERY_S, show_default=True,
+              help="Seconds between progress lines when stderr is not a terminal.")
 def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_json: bool,
-        dask_address: str | None, quiet: bool, verbose: int) -> None:
+        dask_address: str | None, quiet: bool, verbose: int, metrics_file: str | None,
+        log_file: str | None, log_format: str, stats_every: float) -> None:
     """List, check and send new or changed images; record every answer. Resumes by design."""
     _setup_logging(verbose, quiet)
+    try:
+        from runner.logs import configure
+
+        configure(log_file, log_format)
+    except OSError as exc:
+        _fail(f"cannot open the log file: {exc}", ExitCode.USAGE)
     if dry_run:
         _default_signals()
         _plan(job_file, as_json)
@@ -192,21 +219,62 @@ def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_
     if dask_address:
         job = dataclasses.replace(
             job, executor=dataclasses.replace(job.executor, kind="dask", address=dask_address))
+    metrics_path = metrics_file or job.monitoring.metrics_file
+    started = time.time()
+    # An exception that escapes ends Python with 1: the metrics say so too.
+    result: dict[str, Any] = {"summary": None, "code": 1}
+    try:
+        _run(job, limit=limit, budget=budget, stop=stop, quiet=quiet, as_json=as_json,
+             stats_every=stats_every, result=result)
+    except SystemExit as exc:
+        result["code"] = exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+        raise
+    finally:
+        # Whatever the ending: the metrics of the run, then the log's last line.
+        _end_of_run(job, metrics_path, started, result)
+
+
+def _run(job: Job, *, limit: int | None, budget: int | None, stop: threading.Event,
+         quiet: bool, as_json: bool, stats_every: float, result: dict[str, Any]) -> None:
+    """The run and its summary; `result` gets the summary and the exit code as they are known."""
     from runner.executors import run_job
     from runner.summary import RunOptions
 
-    progress = _Progress(enabled=not quiet)
+    progress = _Progress(enabled=not quiet, every=stats_every)
     try:
         summary = run_job(job, RunOptions(limit=limit, budget=budget), stop=stop,
                           progress=progress)
     except RunnerError as exc:
+        result["code"] = exc.exit_code
         _fail(_message(exc), exc.exit_code)
         return
     finally:
         progress.close()
+    result["summary"], result["code"] = summary, summary.exit_code
     if not (quiet and summary.exit_code == ExitCode.OK):
         _print_summary(summary, as_json)
     sys.exit(summary.exit_code)
+
+
+def _end_of_run(job: Job, metrics_path: str | None, started: float,
+                result: dict[str, Any]) -> None:
+    from runner import logs
+
+    summary = result["summary"]
+    code = int(result["code"])
+    logging.getLogger(logs.SUMMARY_LOGGER).info(
+        "%s: run ended with exit code %d", job.name, code,
+        extra={"event": "run_ended", "job": job.name, "exit_code": code,
+               "summary": summary.as_dict() if summary is not None else None})
+    if metrics_path:
+        from runner.metrics import write_run_metrics
+
+        try:
+            write_run_metrics(metrics_path, job, started=started, ended=time.time(),
+                              exit_code=int(result["code"]), summary=summary)
+        except OSError as exc:
+            log.error("cannot write the metrics file %s: %s", metrics_path, exc)
+    logs.close()
 
 
 def _library_errors(f: Any) -> Any:
@@ -361,6 +429,26 @@ def retry(job_file: str, reason: str | None) -> None:
     click.echo(f"ximrun: {n} failed image(s) back to pending; `ximrun run` sends them again")
 
 
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              default="report.html", show_default=True, help="The HTML file to write.")
+@click.option("--sample", type=click.IntRange(min=0), default=300, show_default=True,
+              help="How many done images to show (a fixed spread over the job).")
+@click.option("--state", type=click.Choice(list(STATES)),
+              help="Only this state's images (default: failed, rejected and a done sample).")
+@_library_errors
+def report(job_file: str, output: str, sample: int, state: str | None) -> None:
+    """One self-contained HTML page: totals, runs, failures by reason, done images with answers."""
+    from runner.html_report import write_report
+
+    job = _load(job_file, require_token=False)
+    stats = write_report(job, output, sample=sample, state=state)
+    click.echo(f"ximrun: report written to {output} ({stats.bytes / 1e6:.1f} MB, "
+               f"{stats.images_shown} image(s) shown, {stats.thumbnails} thumbnail(s)) in "
+               f"{stats.seconds:.1f}s", err=True)
+
+
 # --- check / sandbox ---------------------------------------------------------------------------
 
 @main.command()
@@ -484,13 +572,29 @@ def demo(ctx: click.Context, folder: str) -> None:
     sys.exit(code)
 
 
+def _envvars(group: click.Group) -> None:
+    """Each option's variable is named after its long flag (`run --json`: XIMRUN_RUN_JSON, where
+    click's automatic name would follow the parameter, XIMRUN_RUN_AS_JSON); `--help` shows it."""
+    for name, cmd in group.commands.items():
+        for param in cmd.params:
+            if isinstance(param, click.Option) and not param.is_eager:
+                flag = next((o for o in param.opts if o.startswith("--")), None)
+                if flag:
+                    param.envvar = (f"{ENVVAR_PREFIX}_{name}_{flag[2:]}".upper()
+                                    .replace("-", "_"))
+                param.show_envvar = True
+
+
+_envvars(main)
+
+
 def entry(early_stop: threading.Event | None = None) -> None:
     """The console script: every RunnerError that escaped becomes a message, never a traceback.
     `early_stop` is set by a signal that came before the commands could handle it."""
     global _early_stop
     _early_stop = early_stop
     try:
-        main()
+        main(auto_envvar_prefix=ENVVAR_PREFIX)
     except RunnerError as exc:
         _fail(str(exc), exc.exit_code)
 

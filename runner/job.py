@@ -84,6 +84,11 @@ class ExecutorConfig:
 
 
 @dataclass(frozen=True)
+class MonitoringConfig:
+    metrics_file: str | None = None  # node_exporter textfile; resolved against the job's folder
+
+
+@dataclass(frozen=True)
 class SandboxSettings:
     """Faults and limits the embedded emulator produces; all off by default."""
 
@@ -117,6 +122,7 @@ class Job:
     executor: ExecutorConfig
     sandbox: SandboxSettings
     token: str | None = field(default=None, repr=False, compare=False)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -167,6 +173,7 @@ _SECTIONS = {
     "state": StateConfig,
     "executor": ExecutorConfig,
     "sandbox": SandboxSettings,
+    "monitoring": MonitoringConfig,
 }
 
 
@@ -319,6 +326,13 @@ def parse_job(text: str, path: Path, env: Mapping[str, str] | None = None, *,
         raise JobError("sandbox: this table only applies with api.endpoint = \"sandbox\"")
     validate_sandbox(sandbox)
 
+    monitoring = MonitoringConfig(**given["monitoring"])
+    if monitoring.metrics_file is not None:
+        if not monitoring.metrics_file.strip():
+            raise JobError("monitoring.metrics_file: an empty string is not a path")
+        monitoring = MonitoringConfig(
+            metrics_file=str(resolve_local(base, monitoring.metrics_file)))
+
     token: str | None = None
     if api.endpoint != SANDBOX:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api.token_env):
@@ -336,7 +350,8 @@ def parse_job(text: str, path: Path, env: Mapping[str, str] | None = None, *,
             )
 
     return Job(name=name, path=path, source=source, api=api, images=images, credits=credits,
-               state=state, executor=executor, sandbox=sandbox, token=token)
+               state=state, executor=executor, sandbox=sandbox, token=token,
+               monitoring=monitoring)
 
 
 def validate_sandbox(s: SandboxSettings) -> None:

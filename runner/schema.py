@@ -63,3 +63,65 @@ def create_schema(conn: sqlite3.Connection) -> None:
     db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
     conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                       (str(SCHEMA_VERSION),))
+    create_views(conn)
+
+
+# --- views: one SELECT for the common questions (README, "Browsing the state database") -------
+# Kept apart from the tables and their migrations: each view is created where missing, reads only
+# stable columns, and can be dropped at will (DROP VIEW name); the next run creates it again.
+
+# A failure's reason without the image's own URI or key in it, so that alike failures group
+# together (also what `ximrun report` groups by).
+REASON_GROUP_SQL = (
+    "CASE WHEN reason IS NULL THEN '(no reason recorded)' "
+    "WHEN reason LIKE 'not_found:%' THEN 'not_found' "
+    "WHEN reason LIKE 'access_denied:%' THEN 'access_denied' "
+    "WHEN reason LIKE 'read_error:%' THEN 'read_error' "
+    "WHEN reason LIKE 'same bytes as %' THEN 'same bytes as an image that failed' "
+    "ELSE reason END")
+
+VIEWS = {
+    # The answer of every done image, with the fields most services return pulled out.
+    "answers": """
+        SELECT job, key, uri, answered_at, credits, reused_from IS NOT NULL AS reused,
+               reused_from, content_hash,
+               json_extract(result, '$._width') AS width,
+               json_extract(result, '$._height') AS height,
+               json_array_length(result, '$._objects') AS objects,
+               json_extract(result, '$._objects[0].name') AS object,
+               json_extract(result, '$._objects[0].bound_box') AS bound_box,
+               json_extract(result, '$._objects[0]._identification.best_match.name')
+                   AS best_match,
+               coalesce(json_extract(result, '$.best_label.name'),
+                        json_extract(result, '$.best_label')) AS best_label,
+               json_extract(result, '$._tags') AS tags,
+               result
+        FROM items WHERE state = 'done'""",
+    # Failed and rejected images counted by reason, with one example key.
+    "failures_by_reason": f"""
+        SELECT job, state, {REASON_GROUP_SQL} AS reason, count(*) AS images,
+               min(key) AS example_key, max(updated_at) AS last_at
+        FROM items WHERE state IN ('failed', 'rejected')
+        GROUP BY job, state, 3""",
+    # Every run with its credits, the job's running total and the account's counter's move.
+    "credits_per_run": """
+        SELECT job, id AS run, started_at, finished_at,
+               round((julianday(finished_at) - julianday(started_at)) * 86400, 3) AS seconds,
+               status, exit_code, listed, sent, done, failed, rejected, reused, requests,
+               credits, credits_saved,
+               sum(credits) OVER (PARTITION BY job ORDER BY id) AS credits_to_date,
+               account_after - account_before AS account_moved
+        FROM runs""",
+    # One row per image of a request whose answer was not recorded (yet): after a crash, the
+    # images possibly billed without an answer; during a run, also the requests in flight.
+    "unanswered_requests": """
+        SELECT a.job, a.run_id AS run, a.batch, a.attempt, a.sent_at, k.value AS key
+        FROM attempts a, json_each(a.keys) AS k
+        WHERE a.closed_at IS NULL""",
+}
+
+
+def create_views(conn: sqlite3.Connection) -> None:
+    """The views of VIEWS, created where missing (an existing one is left as it is)."""
+    for name, select in VIEWS.items():
+        conn.execute(f"CREATE VIEW IF NOT EXISTS {name} AS {select.strip()}")

@@ -180,7 +180,7 @@ def test_under_cron_plain_progress_lines_even_while_a_request_hangs(tmp_path):
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=3000)) as sb:
         job = write_job(tmp_path, sb, tmp_path / "imgs",
                         api=dict(CHILD_API, batch_size=10, concurrency=1))
-        child = start(tmp_path, "run", str(job), env=child_env(XIMRUN_LOG_EVERY_S="0.1"))
+        child = start(tmp_path, "run", str(job), env=child_env(XIMRUN_RUN_STATS="0.1"))
         assert child.wait() == 0, child.output()
     out, err = child.stdout, child.stderr
     assert "\r" not in out + err
