@@ -294,19 +294,22 @@ def status(job_file: str, as_json: bool) -> None:
         credit_line += (f"; last run: recorded {c['last_run_recorded']}, account counter "
                         f"moved {c['last_run_account_difference']}")
     lines.append(credit_line)
-    rs = r["resends"]
-    if rs["images_sent_more_than_once"]:
-        lines.append(f"  sent more than once: {rs['images_sent_more_than_once']} image(s), "
-                     f"{rs['extra_sends']} extra send(s) (retries of requests whose answer was "
-                     "lost may have been billed)")
     unanswered = r["possibly_billed_without_answer"]
     if unanswered:
         keys = sorted({k for u in unanswered for k in u["keys"]})
         lines.append(f"  possibly billed without an answer recorded: {len(keys)} image(s) in "
-                     f"{len(unanswered)} request(s) of interrupted runs:")
+                     f"{len(unanswered)} request(s) of ended runs, not answered since (the next "
+                     "run sends them):")
         lines.extend(f"    {k}" for k in keys[:20])
         if len(keys) > 20:
             lines.append(f"    ... and {len(keys) - 20} more (status --json lists all)")
+    rs = r["resends"]
+    if rs["images_sent_more_than_once"] or rs["requests_without_answer"]:
+        # History, not a warning: what may have been billed twice, over the job's life.
+        lines.append(f"  history: {rs['images_sent_more_than_once']} image(s) sent more than "
+                     f"once ({rs['extra_sends']} extra send(s), each possibly billed); "
+                     f"{rs['requests_without_answer']} request(s) of ended runs never had "
+                     "their answer recorded")
     if r["runs"]:
         lines.append("recent runs:")
         for run_ in r["runs"]:
