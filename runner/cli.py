@@ -116,11 +116,49 @@ class _Progress:
             self.bar.close()
 
 
+# The run's database and row, for a second Ctrl-C to record the run as `aborted`.
+_abort_target: dict[str, Any] = {"db": None, "run_id": None}
+ABORT_RECORD_S = 1.0  # how long a second Ctrl-C may spend recording the abort, at most
+
+
+def _record_abort() -> None:
+    """Best effort and bounded in time: the runs row says `aborted`, exit 130. On another thread
+    with its own connection, so that a lock held by the process (or a busy writer) cannot hold
+    up the exit; if the row cannot be written in time it stays `running`, and the next run or
+    `status` shows it `crashed`."""
+    db, run_id = _abort_target["db"], _abort_target["run_id"]
+    if db is None or not run_id:
+        return
+
+    def update() -> None:
+        import sqlite3
+        from datetime import UTC, datetime
+
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        try:
+            conn = sqlite3.connect(str(db), timeout=ABORT_RECORD_S / 2)
+            try:
+                with conn:
+                    conn.execute("UPDATE runs SET status = 'aborted', exit_code = ?, "
+                                 "finished_at = ? WHERE id = ? AND status = 'running'",
+                                 (int(ExitCode.ABORTED), now, run_id))
+            finally:
+                conn.close()
+        except Exception:  # noqa: BLE001 -- best effort: the exit must not wait or fail
+            pass
+
+    t = threading.Thread(target=update, name="abort", daemon=True)
+    t.start()
+    t.join(ABORT_RECORD_S)
+
+
 def _install_signals(stop: threading.Event) -> None:
-    """First SIGINT/SIGTERM: stop taking batches, finish those in flight. Second: leave at once."""
+    """First SIGINT/SIGTERM: stop taking batches, finish those in flight. Second: leave at once
+    (exit 130, the run recorded as `aborted` if that can be done within ABORT_RECORD_S)."""
 
     def handler(signum: int, frame: object) -> None:
         if stop.is_set():
+            _record_abort()
             os._exit(ExitCode.ABORTED)  # the crash guarantees apply: committed batches are safe
         stop.set()
         click.echo(f"\nximrun: {signal.Signals(signum).name} received: finishing the requests in "
@@ -196,9 +234,15 @@ def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_
     from runner.summary import RunOptions
 
     progress = _Progress(enabled=not quiet)
+    _abort_target["db"] = job.db_path
+
+    def on_progress(s: Any) -> None:
+        _abort_target["run_id"] = s.run_id
+        progress(s)
+
     try:
         summary = run_job(job, RunOptions(limit=limit, budget=budget), stop=stop,
-                          progress=progress)
+                          progress=on_progress)
     except RunnerError as exc:
         _fail(_message(exc), exc.exit_code)
         return

@@ -93,6 +93,7 @@ class Run:
         self.auth_error: AuthError | None = None
         self.sending = 0  # batches handed to the request threads and not finished
         self.service_error: str | None = None  # the last failure of the service, not a record's
+        self._classifying: deque[Callable[[], Classified]] = deque()  # chunks queued, not counted
 
     # listing and classification
 
@@ -102,8 +103,10 @@ class Run:
         def skipped(why: str) -> None:  # sources.py has logged the row and why
             self.summary.skipped_rows += 1
 
-        # Chunks are classified (by the store's writer) while the next ones are listed.
-        queued: deque[Callable[[], Classified]] = deque()
+        # Chunks are classified (by the store's writer) while the next ones are listed. Each one
+        # queued is recorded as listed in the runs row: `settle_listing` counts those a stop left
+        # unread, so that the summary and the row agree.
+        queued = self._classifying
         listed = list_items(self.job.source, on_skip=skipped)
         size = LIST_CHUNK_SENDING
 
@@ -120,6 +123,15 @@ class Run:
                 yield from self._counted(queued.popleft()())
         while queued:
             yield from self._counted(queued.popleft()())
+        self.summary.listing_done = True
+        self.report()
+
+    def settle_listing(self) -> None:
+        """Chunks classified ahead of a stop are recorded as listed (and their images pending):
+        counted into the summary too, their images left for the next run."""
+        while self._classifying:
+            with contextlib.suppress(Exception):  # an error of the writer is raised elsewhere
+                self._counted(self._classifying.popleft()())
 
     def _counted(self, classified: Classified) -> list[Listed]:
         s = self.summary
@@ -145,6 +157,7 @@ class Run:
         self.run_id = self.store.begin_run(self.job.name, pid=os.getpid(),
                                            endpoint=self.job.api.endpoint, budget=self.budget)
         s.run_id = self.run_id
+        self.report()  # the caller learns the run's id at once (a second Ctrl-C records it)
         self.spent = self.store.spent(self.job.name)
         stopped_by: str | None = None
         listing_complete = False
@@ -162,6 +175,7 @@ class Run:
             raise
         finally:
             s.elapsed_s = round(time.monotonic() - started, 3)
+            self.settle_listing()
         if self.auth_error is not None:
             s.status, s.exit_code, s.message = "auth_refused", ExitCode.AUTH, str(self.auth_error)
         else:

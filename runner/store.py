@@ -418,6 +418,7 @@ class Store:
                                   now, now, job, a.item.key))
                 for f in a.followers:
                     reused += 1
+                    done += 1  # as mark_reused counts a copy answered later: done and reused
                     rows_done.append((result, 0, a.content_hash, request_sig, prep_sig, now,
                                       now, job, f.key))
                     # Followers carry the key they were answered through.

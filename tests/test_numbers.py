@@ -97,3 +97,105 @@ def test_after_kills_sends_status_and_both_ledgers_agree_image_by_image(tmp_path
         text = invoke("status", str(job)).output
         assert "possibly billed without an answer" not in text
         assert f"history: {len(twice)} image(s) sent more than once" in text
+
+
+# --- the summary, run --json, status and the runs row: the same numbers on every exit path ------
+
+ROW_FIELDS = ("listed", "requests", "sent", "done", "failed", "rejected", "reused", "credits",
+              "credits_saved", "status", "exit_code")
+
+
+def runs_row(db: Path, run_id: int) -> dict:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        return dict(conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
+    finally:
+        conn.close()
+
+
+def assert_same_numbers(job: Path, db: Path, summary: dict) -> None:
+    row = runs_row(db, summary["run_id"])
+    assert {k: row[k] for k in ROW_FIELDS} == {k: summary[k] for k in ROW_FIELDS}
+    shown = next(r for r in status_json(job)["runs"] if r["id"] == summary["run_id"])
+    assert {k: shown[k] for k in shown if k in ROW_FIELDS} == \
+        {k: summary[k] for k in shown if k in ROW_FIELDS}
+
+
+def copies(folder: Path, n: int) -> None:
+    """n images, each twice, next to each other in the listing: the copy waits for its original
+    in the same batch (a follower)."""
+    for p in make_images(folder, n):
+        (folder / f"{p.stem}b.jpg").write_bytes(p.read_bytes())
+
+
+def test_followers_count_as_done_in_the_runs_row_as_in_the_summary(tmp_path, sandbox):
+    copies(tmp_path / "imgs", 10)
+    job = write_job(tmp_path, sandbox, tmp_path / "imgs", api={"batch_size": 10})
+    res = invoke("run", str(job), "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["done"] == 20 and summary["reused"] == 10
+    assert_same_numbers(job, tmp_path / "state" / "t.db", summary)
+
+
+@pytest.mark.parametrize("case", ["failures", "limit", "auth", "unavailable"])
+def test_every_exit_path_records_the_numbers_it_prints(tmp_path, case):
+    copies(tmp_path / "imgs", 15)
+    settings = {"failures": SandboxSettings(token=TOKEN, prefuse=0.3, seed=1),
+                "unavailable": SandboxSettings(token=TOKEN, p500=1.0)}.get(
+                    case, SandboxSettings(token=TOKEN))
+    api = {"batch_size": 4, "concurrency": 2}
+    if case == "unavailable":
+        api.update(max_retries=0, breaker_failures=1)
+    with Sandbox(settings) as sb:
+        job = write_job(tmp_path, sb, tmp_path / "imgs", api=api)
+        args = ["--limit", "9"] if case == "limit" else []
+        env = {"XIMILAR_TOKEN": "wrong"} if case == "auth" else None
+        res = invoke("run", str(job), "--json", *args, env=env)
+    expected = {"failures": 1, "limit": 3, "auth": 5, "unavailable": 69}[case]
+    assert res.exit_code == expected, res.output
+    summary = json.loads(res.stdout)
+    assert_same_numbers(job, tmp_path / "state" / "t.db", summary)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_records_the_listing_it_prints(tmp_path):
+    # Chunks classified ahead of the stop are recorded as listed, their images pending: the
+    # summary counts them too.
+    make_images(tmp_path / "imgs", 900)
+    with Sandbox(SandboxSettings(token=TOKEN, latency_ms=400, seed=2)) as sb:
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=2, concurrency=2))
+        db = tmp_path / "state" / "t.db"
+        child = start(tmp_path, "run", str(job), "--json")
+        wait_for(lambda: open_attempts(db) >= 2 and len(sb.ledger()) >= 4, "requests", child)
+        child.proc.send_signal(signal.SIGINT)
+        assert child.wait() == 4, child.output()
+        summary = json.loads(child.stdout)
+        assert 0 < summary["done"] < summary["listed"] < 900
+        assert summary["pending"] == summary["listed"] - summary["done"]
+        assert_same_numbers(job, db, summary)
+
+
+@pytest.mark.slow
+def test_a_second_sigint_is_recorded_as_aborted_with_exit_130(tmp_path):
+    make_images(tmp_path / "imgs", 8)
+    with Sandbox(SandboxSettings(token=TOKEN, latency_ms=8000)) as sb:
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=2, concurrency=2))
+        db = tmp_path / "state" / "t.db"
+        child = start(tmp_path, "run", str(job))
+        wait_for(lambda: open_attempts(db) >= 2, "requests in flight", child)
+        child.proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "SIGINT received" in child.stderr, "the first SIGINT", child)
+        child.proc.send_signal(signal.SIGINT)
+        assert child.wait(timeout=20) == 130, child.output()
+        last = status_json(job)["runs"][0]
+        assert (last["status"], last["exit_code"]) == ("aborted", 130)
+        assert last["finished_at"] is not None
+        assert last["requests"] == 2
+        # The next run leaves it as it is (only rows still `running` become `crashed`).
+        res = invoke("run", str(job), "--json")
+        assert res.exit_code == 0, res.output
+        assert status_json(job)["runs"][1]["status"] == "aborted"
