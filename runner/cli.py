@@ -187,7 +187,9 @@ def _print_summary(s: Any, as_json: bool) -> None:
         line += f", budget {s.budget}"
     if s.account_before is not None and s.account_after is not None:
         line += (f"; account counter {s.account_before} -> {s.account_after} "
-                 f"(difference {s.account_after - s.account_before})")
+                 f"(difference {s.account_after - s.account_before}"
+                 + (f", {s.account_gap:+d} against the credits recorded"
+                    if s.account_gap else "") + ")")
     out.append(line)
     if s.pending:
         why = (f" ({s.unavailable} after failures of the service)"
@@ -337,6 +339,9 @@ def status(job_file: str, as_json: bool) -> None:
     if c["last_run_account_difference"] is not None:
         credit_line += (f"; last run: recorded {c['last_run_recorded']}, account counter "
                         f"moved {c['last_run_account_difference']}")
+        if c["last_run_account_gap"]:
+            credit_line += (f" ({c['last_run_account_gap']:+d} against what was recorded: "
+                            "see the run's warning)")
     lines.append(credit_line)
     unanswered = r["possibly_billed_without_answer"]
     if unanswered:

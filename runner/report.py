@@ -54,6 +54,7 @@ def status_report(job: Job) -> dict[str, Any]:
     account_diff = None
     if last and last["account_before"] is not None and last["account_after"] is not None:
         account_diff = last["account_after"] - last["account_before"]
+    gap = last.get("account_gap") if last else None
     report = {
         "job": job.name,
         "db": shown_path(job.db_path),
@@ -62,14 +63,17 @@ def status_report(job: Job) -> dict[str, Any]:
         "reused": by_state["reused"],
         "credits": {"recorded": spent, "saved_by_reuse": saved,
                     "last_run_recorded": last["credits"] if last else 0,
-                    "last_run_account_difference": account_diff},
+                    "last_run_account_difference": account_diff,
+                    # the counter's move minus the credits recorded (None: unknown)
+                    "last_run_account_gap": gap},
         "possibly_billed_without_answer": [
             {"run": u["run"], "batch": u["batch"], "attempt": u["attempt"],
              "sent_at": u["sent_at"], "keys": u["keys"]} for u in open_requests],
         "resends": resends,
-        "runs": [{k: r[k] for k in ("id", "started_at", "finished_at", "status", "exit_code",
+        "runs": [{k: r.get(k) for k in ("id", "started_at", "finished_at", "status", "exit_code",
                                     "listed", "sent", "done", "failed", "rejected", "reused",
-                                    "requests", "credits", "account_before", "account_after")}
+                                    "requests", "credits", "account_before", "account_after",
+                                    "account_gap")}
                  for r in runs],
     }
     return report

@@ -199,3 +199,49 @@ def test_a_second_sigint_is_recorded_as_aborted_with_exit_130(tmp_path):
         res = invoke("run", str(job), "--json")
         assert res.exit_code == 0, res.output
         assert status_json(job)["runs"][1]["status"] == "aborted"
+
+
+# --- the account's counter against the credits recorded -----------------------------------------
+
+def test_a_counter_that_moved_more_than_recorded_is_warned_about_and_recorded(tmp_path):
+    make_images(tmp_path / "imgs", 12)
+    job = write_job(tmp_path, "sandbox", tmp_path / "imgs", credits={"per_image": 2},
+                    extra="[sandbox]\ncredits_per_record = 10")
+    res = invoke("run", str(job), "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert (summary["credits"], summary["account_after"] - summary["account_before"]) == (24, 120)
+    assert summary["account_gap"] == 96
+    warned = [line for line in res.stderr.splitlines() if "credit counter moved" in line]
+    assert len(warned) == 1, res.stderr
+    assert "96 more than recorded" in warned[0] and "set per_image = 10" in warned[0]
+    row = runs_row(tmp_path / "state" / "t.db", summary["run_id"])
+    assert row["account_gap"] == 96
+    st = status_json(job)
+    assert st["credits"]["last_run_account_gap"] == 96 and st["runs"][0]["account_gap"] == 96
+    assert "+96 against what was recorded" in invoke("status", str(job)).output
+
+
+def test_a_counter_that_agrees_is_no_warning(tmp_path):
+    make_images(tmp_path / "imgs", 5)
+    job = write_job(tmp_path, "sandbox", tmp_path / "imgs", credits={"per_image": 10})
+    res = invoke("run", str(job), "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["account_gap"] == 0
+    assert "credit counter moved" not in res.stderr
+
+
+def test_an_older_database_gets_the_new_column(tmp_path):
+    from runner.schema import create_schema
+
+    conn = sqlite3.connect(tmp_path / "old.db")
+    conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, job TEXT NOT NULL, "
+                 "started_at TEXT NOT NULL, status TEXT NOT NULL, account_before INTEGER, "
+                 "account_after INTEGER)")
+    conn.execute("INSERT INTO runs (job, started_at, status) VALUES ('j', 'x', 'finished')")
+    create_schema(conn)
+    create_schema(conn)  # twice: nothing to add the second time
+    cols = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
+    assert cols.count("account_gap") == 1
+    assert conn.execute("SELECT account_gap FROM runs").fetchone() == (None,)
+    conn.close()
