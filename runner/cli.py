@@ -415,13 +415,52 @@ def retry(job_file: str, reason: str | None) -> None:
 
 # --- check / sandbox ---------------------------------------------------------------------------
 
+def _check_names(files: tuple[str, ...], job: Job | None) -> Any:
+    """The files to check: each name as given, a folder (local or any fsspec URL) as the files
+    the job's listing would find in it (recursive, include/exclude, hidden entries skipped)."""
+    import fsspec
+
+    from runner.job import SourceConfig
+    from runner.sources import list_items
+
+    for name in files:
+        try:
+            fs, path = fsspec.core.url_to_fs(name, **(dict(job.source.storage_options)
+                                                      if job and "://" in name else {}))
+            folder = fs.isdir(path)
+        except Exception:  # noqa: BLE001 -- not listable: read it as a file, and say why not
+            folder = False
+        if not folder:
+            yield name
+            continue
+        root = name if "://" in name else os.path.abspath(name)
+        src = SourceConfig(paths=(root,))
+        if job is not None:
+            src = dataclasses.replace(src, recursive=job.source.recursive,
+                                      include=job.source.include, exclude=job.source.exclude,
+                                      storage_options=job.source.storage_options)
+        found = False
+        try:
+            for item in list_items(src):
+                found = True
+                yield item.uri
+        except RunnerError as exc:
+            log.warning("%s: %s", name, exc)
+            yield name
+            continue
+        if not found:
+            log.warning("%s: no file to check in this folder", name)
+
+
 @main.command()
 @click.argument("files", nargs=-1, required=True)
 @click.option("--job", "job_file", type=click.Path(dir_okay=False),
-              help="Use this job's [images] policy (max_side, transcode).")
+              help="Use this job's [images] policy (max_side, transcode), and for a folder its "
+                   "[source] recursive, include and exclude.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
 def check(files: tuple[str, ...], job_file: str | None, as_json: bool) -> None:
     """Say what the format policy does with each file: accept, convert, or reject and why.
+    A folder is checked file by file, as a job's listing finds them.
 
     Exits 1 if any file would be rejected.
     """
@@ -429,9 +468,11 @@ def check(files: tuple[str, ...], job_file: str | None, as_json: bool) -> None:
 
     from runner.images import check_bytes
 
-    policy = _load(job_file, require_token=False).images if job_file else ImagePolicy()
+    _setup_logging(0, False)
+    job = _load(job_file, require_token=False) if job_file else None
+    policy = job.images if job else ImagePolicy()
     any_rejected = False
-    for name in files:
+    for name in _check_names(files, job):
         try:
             with fsspec.open(name, "rb") as fh:
                 data = fh.read()
