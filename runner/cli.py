@@ -78,18 +78,23 @@ def _default_signals() -> None:
 # --- run / plan --------------------------------------------------------------------------------
 
 class _Progress:
-    """A tqdm bar on a terminal; under cron, a plain line every LOG_EVERY_S seconds instead."""
+    """A tqdm bar on a terminal; under cron, a plain line every LOG_EVERY_S seconds instead.
+
+    The total is not known while the listing streams: until it ends the bar counts without a
+    total (no percentage, no ETA that would go backwards as the total grows), then it becomes
+    the real bar. Off a terminal one line says when the listing ended and what it found."""
 
     def __init__(self, enabled: bool) -> None:
         self.bar = None
         self.last_line = time.monotonic()
         self.started = time.monotonic()
         self.enabled = enabled
+        self.listing_logged = False
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=0, unit="img", file=sys.stderr, dynamic_ncols=True,
-                            desc="ximrun")
+            self.bar = tqdm(total=None, unit="img", file=sys.stderr, dynamic_ncols=True,
+                            desc="ximrun: listing")
 
     def __call__(self, s: Any) -> None:
         if not self.enabled:
@@ -97,23 +102,49 @@ class _Progress:
         settled = s.done + s.failed + s.rejected
         todo = s.new + s.changed + s.changed_request + s.resumed + s.retried
         if self.bar is not None:
-            if self.bar.total != todo:
+            if s.listing_done and self.bar.total != todo:
                 self.bar.total = todo
+                self.bar.set_description("ximrun", refresh=False)
             self.bar.n = settled
-            self.bar.set_postfix(done=s.done, failed=s.failed, rejected=s.rejected,
+            postfix = {"listed": s.listed} if not s.listing_done else {}
+            self.bar.set_postfix(**postfix, done=s.done, failed=s.failed, rejected=s.rejected,
                                  credits=s.credits, refresh=False)
             self.bar.refresh()
             return
+        if s.listing_done and not self.listing_logged:
+            self.listing_logged = True
+            log.info("listing done: %d listed (new %d, changed %d, unchanged %d, resumed %d, "
+                     "failed before %d): %d to do", s.listed, s.new,
+                     s.changed + s.changed_request, s.unchanged, s.resumed + s.retried,
+                     s.kept_failed, todo)
         now = time.monotonic()
         if now - self.last_line >= LOG_EVERY_S:
             self.last_line = now
             rate = settled / max(now - self.started, 1e-9)
-            log.info("progress: %d/%d settled (done %d, failed %d, rejected %d), %.1f img/s, "
-                     "credits %d", settled, todo, s.done, s.failed, s.rejected, rate, s.credits)
+            total = str(todo) if s.listing_done else f"{todo} so far (listing: {s.listed})"
+            log.info("progress: %d/%s settled (done %d, failed %d, rejected %d), %.1f img/s, "
+                     "credits %d", settled, total, s.done, s.failed, s.rejected, rate, s.credits)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _shown_endpoint(url: str) -> str:
+    """The endpoint without anything secret: no user or password, no query or fragment."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<endpoint>"
+    if not parts.scheme:
+        return url  # "sandbox"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 # The run's database and row, for a second Ctrl-C to record the run as `aborted`.
@@ -237,6 +268,11 @@ def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_
 
     progress = _Progress(enabled=not quiet)
     _abort_target["db"] = job.db_path
+    if progress.bar is None:
+        from runner.report import shown_path
+
+        log.info("run started: job %s, db %s, endpoint %s, executor %s", job.name,
+                 shown_path(job.db_path), _shown_endpoint(job.api.endpoint), job.executor.kind)
 
     def on_progress(s: Any) -> None:
         _abort_target["run_id"] = s.run_id

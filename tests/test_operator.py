@@ -3,10 +3,13 @@ log lines off a terminal."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from driver import invoke, jpeg, png, write_job
+
+from runner.summary import Summary
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
 
@@ -71,3 +74,50 @@ def test_the_sandbox_by_hand_says_where_to_point_a_job_and_its_totals_when_stopp
     assert (f"{len(ledger['entries'])} record(s) (30 distinct id(s)): {billed} billed "
             f"({lost} whose answer was lost)") in child.stdout
     assert f"credits used {ledger['credits_used']}" in child.stdout
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_bar_has_no_total_until_the_listing_ends(monkeypatch):
+    from runner import cli
+
+    monkeypatch.setattr(cli.sys, "stderr", _Tty())
+    progress = cli._Progress(enabled=True)
+    s = Summary(job="j")
+    for listed in (100, 200, 400):  # the listing streams: a total would grow, 90 % -> 80 %
+        s.listed = s.new = listed
+        s.done += 50
+        progress(s)
+        assert progress.bar.total is None and progress.bar.n == s.done
+    s.listed = s.new = 500
+    s.listing_done = True
+    progress(s)
+    assert progress.bar.total == 500
+    percents = []
+    for _ in range(3):
+        s.done += 50
+        progress(s)
+        percents.append(progress.bar.n / progress.bar.total)
+    assert percents == sorted(percents) and progress.bar.total == 500
+    progress.close()
+
+
+def test_off_a_terminal_the_run_logs_its_start_and_its_listing(tmp_path):
+    for i in range(3):
+        (tmp_path / "imgs").mkdir(exist_ok=True)
+        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(jpeg((i, 0, 0)))
+    job = write_job(tmp_path, "http://user:pw@127.0.0.1:9/x/collectibles/v2/tcg_id?key=k",
+                    tmp_path / "imgs", api={"max_retries": 0, "breaker_failures": 1})
+    res = invoke("run", str(job))
+    started = [line for line in res.stderr.splitlines() if "run started" in line]
+    assert len(started) == 1, res.stderr
+    assert "job t, db " in started[0] and "t.db" in started[0]
+    assert "endpoint http://127.0.0.1:9/x/collectibles/v2/tcg_id, executor local" in started[0]
+    assert "pw" not in res.stderr and "key=k" not in res.stderr
+    assert "listing done: 3 listed (new 3, changed 0, unchanged 0, resumed 0, failed before 0):" \
+           " 3 to do" in res.stderr
+    quiet = invoke("run", str(job), "-q")
+    assert "run started" not in quiet.stderr and "listing done" not in quiet.stderr
