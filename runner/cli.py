@@ -83,7 +83,11 @@ def _default_signals() -> None:
 # --- run / plan --------------------------------------------------------------------------------
 
 class _Progress:
-    """A tqdm bar on a terminal; under cron, a plain line every `every` seconds instead."""
+    """A tqdm bar on a terminal; under cron, a plain line every `every` seconds instead.
+
+    The total is not known while the listing streams: until it ends the bar counts without a
+    total (no percentage, no ETA that would go backwards as the total grows), then it becomes
+    the real bar. Off a terminal one line says when the listing ended and what it found."""
 
     def __init__(self, enabled: bool, every: float = LOG_EVERY_S) -> None:
         self.bar = None
@@ -91,11 +95,12 @@ class _Progress:
         self.last_line = time.monotonic()
         self.started = time.monotonic()
         self.enabled = enabled
+        self.listing_logged = False
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=0, unit="img", file=sys.stderr, dynamic_ncols=True,
-                            desc="ximrun")
+            self.bar = tqdm(total=None, unit="img", file=sys.stderr, dynamic_ncols=True,
+                            desc="ximrun: listing")
 
     def __call__(self, s: Any) -> None:
         if not self.enabled:
@@ -103,21 +108,31 @@ class _Progress:
         settled = s.done + s.failed + s.rejected
         todo = s.new + s.changed + s.changed_request + s.resumed + s.retried
         if self.bar is not None:
-            if self.bar.total != todo:
+            if s.listing_done and self.bar.total != todo:
                 self.bar.total = todo
+                self.bar.set_description("ximrun", refresh=False)
             self.bar.n = settled
-            self.bar.set_postfix(done=s.done, failed=s.failed, rejected=s.rejected,
+            postfix = {"listed": s.listed} if not s.listing_done else {}
+            self.bar.set_postfix(**postfix, done=s.done, failed=s.failed, rejected=s.rejected,
                                  credits=s.credits, refresh=False)
             self.bar.refresh()
             return
+        if s.listing_done and not self.listing_logged:
+            self.listing_logged = True
+            log.info("listing done: %d listed (new %d, changed %d, unchanged %d, resumed %d, "
+                     "failed before %d): %d to do", s.listed, s.new,
+                     s.changed + s.changed_request, s.unchanged, s.resumed + s.retried,
+                     s.kept_failed, todo)
         now = time.monotonic()
         if now - self.last_line >= self.every:
             self.last_line = now
             rate = settled / max(now - self.started, 1e-9)
-            log.info("progress: %d/%d settled (done %d, failed %d, rejected %d), %.1f img/s, "
-                     "credits %d", settled, todo, s.done, s.failed, s.rejected, rate, s.credits,
+            total = str(todo) if s.listing_done else f"{todo} so far (listing: {s.listed})"
+            log.info("progress: %d/%s settled (done %d, failed %d, rejected %d), %.1f img/s, "
+                     "credits %d", settled, total, s.done, s.failed, s.rejected, rate, s.credits,
                      extra={"event": "progress", "settled": settled, "todo": todo,
-                            "done": s.done, "failed": s.failed, "rejected": s.rejected,
+                            "listing_done": s.listing_done, "done": s.done,
+                            "failed": s.failed, "rejected": s.rejected,
                             "images_per_s": round(rate, 2), "credits": s.credits})
 
     def close(self) -> None:
@@ -125,11 +140,66 @@ class _Progress:
             self.bar.close()
 
 
+def _shown_endpoint(url: str) -> str:
+    """The endpoint without anything secret: no user or password, no query or fragment."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<endpoint>"
+    if not parts.scheme:
+        return url  # "sandbox"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+# The run's database and row, for a second Ctrl-C to record the run as `aborted`.
+_abort_target: dict[str, Any] = {"db": None, "run_id": None}
+ABORT_RECORD_S = 1.0  # how long a second Ctrl-C may spend recording the abort, at most
+
+
+def _record_abort() -> None:
+    """Best effort and bounded in time: the runs row says `aborted`, exit 130. On another thread
+    with its own connection, so that a lock held by the process (or a busy writer) cannot hold
+    up the exit; if the row cannot be written in time it stays `running`, and the next run or
+    `status` shows it `crashed`."""
+    db, run_id = _abort_target["db"], _abort_target["run_id"]
+    if db is None or not run_id:
+        return
+
+    def update() -> None:
+        import sqlite3
+        from datetime import UTC, datetime
+
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        try:
+            conn = sqlite3.connect(str(db), timeout=ABORT_RECORD_S / 2)
+            try:
+                with conn:
+                    conn.execute("UPDATE runs SET status = 'aborted', exit_code = ?, "
+                                 "finished_at = ? WHERE id = ? AND status = 'running'",
+                                 (int(ExitCode.ABORTED), now, run_id))
+            finally:
+                conn.close()
+        except Exception:  # noqa: BLE001 -- best effort: the exit must not wait or fail
+            pass
+
+    t = threading.Thread(target=update, name="abort", daemon=True)
+    t.start()
+    t.join(ABORT_RECORD_S)
+
+
 def _install_signals(stop: threading.Event) -> None:
-    """First SIGINT/SIGTERM: stop taking batches, finish those in flight. Second: leave at once."""
+    """First SIGINT/SIGTERM: stop taking batches, finish those in flight. Second: leave at once
+    (exit 130, the run recorded as `aborted` if that can be done within ABORT_RECORD_S)."""
 
     def handler(signum: int, frame: object) -> None:
         if stop.is_set():
+            _record_abort()
             os._exit(ExitCode.ABORTED)  # the crash guarantees apply: committed batches are safe
         stop.set()
         click.echo(f"\nximrun: {signal.Signals(signum).name} received: finishing the requests in "
@@ -158,7 +228,9 @@ def _print_summary(s: Any, as_json: bool) -> None:
         line += f", budget {s.budget}"
     if s.account_before is not None and s.account_after is not None:
         line += (f"; account counter {s.account_before} -> {s.account_after} "
-                 f"(difference {s.account_after - s.account_before})")
+                 f"(difference {s.account_after - s.account_before}"
+                 + (f", {s.account_gap:+d} against the credits recorded"
+                    if s.account_gap else "") + ")")
     out.append(line)
     if s.pending:
         why = (f" ({s.unavailable} after failures of the service)"
@@ -241,9 +313,20 @@ def _run(job: Job, *, limit: int | None, budget: int | None, stop: threading.Eve
     from runner.summary import RunOptions
 
     progress = _Progress(enabled=not quiet, every=stats_every)
+    _abort_target["db"] = job.db_path
+    if progress.bar is None:
+        from runner.report import shown_path
+
+        log.info("run started: job %s, db %s, endpoint %s, executor %s", job.name,
+                 shown_path(job.db_path), _shown_endpoint(job.api.endpoint), job.executor.kind)
+
+    def on_progress(s: Any) -> None:
+        _abort_target["run_id"] = s.run_id
+        progress(s)
+
     try:
         summary = run_job(job, RunOptions(limit=limit, budget=budget), stop=stop,
-                          progress=progress)
+                          progress=on_progress)
     except RunnerError as exc:
         result["code"] = exc.exit_code
         _fail(_message(exc), exc.exit_code)
@@ -361,20 +444,26 @@ def status(job_file: str, as_json: bool) -> None:
     if c["last_run_account_difference"] is not None:
         credit_line += (f"; last run: recorded {c['last_run_recorded']}, account counter "
                         f"moved {c['last_run_account_difference']}")
+        if c["last_run_account_gap"]:
+            credit_line += (f" ({c['last_run_account_gap']:+d} against what was recorded: "
+                            "see the run's warning)")
     lines.append(credit_line)
-    rs = r["resends"]
-    if rs["images_sent_more_than_once"]:
-        lines.append(f"  sent more than once: {rs['images_sent_more_than_once']} image(s), "
-                     f"{rs['extra_sends']} extra send(s) (retries of requests whose answer was "
-                     "lost may have been billed)")
     unanswered = r["possibly_billed_without_answer"]
     if unanswered:
         keys = sorted({k for u in unanswered for k in u["keys"]})
         lines.append(f"  possibly billed without an answer recorded: {len(keys)} image(s) in "
-                     f"{len(unanswered)} request(s) of interrupted runs:")
+                     f"{len(unanswered)} request(s) of ended runs, not answered since (the next "
+                     "run sends them):")
         lines.extend(f"    {k}" for k in keys[:20])
         if len(keys) > 20:
             lines.append(f"    ... and {len(keys) - 20} more (status --json lists all)")
+    rs = r["resends"]
+    if rs["images_sent_more_than_once"] or rs["requests_without_answer"]:
+        # History, not a warning: what may have been billed twice, over the job's life.
+        lines.append(f"  history: {rs['images_sent_more_than_once']} image(s) sent more than "
+                     f"once ({rs['extra_sends']} extra send(s), each possibly billed); "
+                     f"{rs['requests_without_answer']} request(s) of ended runs never had "
+                     "their answer recorded")
     if r["runs"]:
         lines.append("recent runs:")
         for run_ in r["runs"]:
@@ -451,13 +540,52 @@ def report(job_file: str, output: str, sample: int, state: str | None) -> None:
 
 # --- check / sandbox ---------------------------------------------------------------------------
 
+def _check_names(files: tuple[str, ...], job: Job | None) -> Any:
+    """The files to check: each name as given, a folder (local or any fsspec URL) as the files
+    the job's listing would find in it (recursive, include/exclude, hidden entries skipped)."""
+    import fsspec
+
+    from runner.job import SourceConfig
+    from runner.sources import list_items
+
+    for name in files:
+        try:
+            fs, path = fsspec.core.url_to_fs(name, **(dict(job.source.storage_options)
+                                                      if job and "://" in name else {}))
+            folder = fs.isdir(path)
+        except Exception:  # noqa: BLE001 -- not listable: read it as a file, and say why not
+            folder = False
+        if not folder:
+            yield name
+            continue
+        root = name if "://" in name else os.path.abspath(name)
+        src = SourceConfig(paths=(root,))
+        if job is not None:
+            src = dataclasses.replace(src, recursive=job.source.recursive,
+                                      include=job.source.include, exclude=job.source.exclude,
+                                      storage_options=job.source.storage_options)
+        found = False
+        try:
+            for item in list_items(src):
+                found = True
+                yield item.uri
+        except RunnerError as exc:
+            log.warning("%s: %s", name, exc)
+            yield name
+            continue
+        if not found:
+            log.warning("%s: no file to check in this folder", name)
+
+
 @main.command()
 @click.argument("files", nargs=-1, required=True)
 @click.option("--job", "job_file", type=click.Path(dir_okay=False),
-              help="Use this job's [images] policy (max_side, transcode).")
+              help="Use this job's [images] policy (max_side, transcode), and for a folder its "
+                   "[source] recursive, include and exclude.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
 def check(files: tuple[str, ...], job_file: str | None, as_json: bool) -> None:
     """Say what the format policy does with each file: accept, convert, or reject and why.
+    A folder is checked file by file, as a job's listing finds them.
 
     Exits 1 if any file would be rejected.
     """
@@ -465,9 +593,11 @@ def check(files: tuple[str, ...], job_file: str | None, as_json: bool) -> None:
 
     from runner.images import check_bytes
 
-    policy = _load(job_file, require_token=False).images if job_file else ImagePolicy()
+    _setup_logging(0, False)
+    job = _load(job_file, require_token=False) if job_file else None
+    policy = job.images if job else ImagePolicy()
     any_rejected = False
-    for name in files:
+    for name in _check_names(files, job):
         try:
             with fsspec.open(name, "rb") as fh:
                 data = fh.read()

@@ -47,13 +47,14 @@ def status_report(job: Job) -> dict[str, Any]:
         live = store.live_run(job.name)
         # The requests of a run still going are in flight, not lost: they are not listed.
         open_requests = unanswered(store, job.name, running_run=live)
-        resends = resend_stats(store, job.name)
+        resends = resend_stats(store, job.name, running_run=live)
         spent = store.spent(job.name)
         saved = sum(r["credits_saved"] or 0 for r in store.recent_runs(job.name, 10_000))
     last = runs[0] if runs else None
     account_diff = None
     if last and last["account_before"] is not None and last["account_after"] is not None:
         account_diff = last["account_after"] - last["account_before"]
+    gap = last.get("account_gap") if last else None
     report = {
         "job": job.name,
         "db": shown_path(job.db_path),
@@ -62,14 +63,17 @@ def status_report(job: Job) -> dict[str, Any]:
         "reused": by_state["reused"],
         "credits": {"recorded": spent, "saved_by_reuse": saved,
                     "last_run_recorded": last["credits"] if last else 0,
-                    "last_run_account_difference": account_diff},
+                    "last_run_account_difference": account_diff,
+                    # the counter's move minus the credits recorded (None: unknown)
+                    "last_run_account_gap": gap},
         "possibly_billed_without_answer": [
             {"run": u["run"], "batch": u["batch"], "attempt": u["attempt"],
              "sent_at": u["sent_at"], "keys": u["keys"]} for u in open_requests],
         "resends": resends,
-        "runs": [{k: r[k] for k in ("id", "started_at", "finished_at", "status", "exit_code",
+        "runs": [{k: r.get(k) for k in ("id", "started_at", "finished_at", "status", "exit_code",
                                     "listed", "sent", "done", "failed", "rejected", "reused",
-                                    "requests", "credits", "account_before", "account_after")}
+                                    "requests", "credits", "account_before", "account_after",
+                                    "account_gap")}
                  for r in runs],
     }
     return report
@@ -96,8 +100,10 @@ def counts(store: Store, job: str) -> dict[str, int]:
         out["credits"] += credits or 0
     return out
 
-def unanswered(store: Store, job: str, *, running_run: int | None = None) -> list[dict[str, Any]]:
-    """Requests sent by runs that ended before recording their answer: possibly billed."""
+def lost_requests(store: Store, job: str, *,
+                  running_run: int | None = None) -> list[dict[str, Any]]:
+    """Requests of runs that ended before recording their answer (open `attempts` rows): each
+    may have been billed. History: a later run may have answered their images since."""
     rows = store.db.read(lambda c: c.execute(
         "SELECT a.run_id, a.batch, a.attempt, a.keys, a.sent_at FROM attempts a "
         "WHERE a.job = ? AND a.closed_at IS NULL AND a.run_id IS NOT ? ORDER BY a.id",
@@ -105,12 +111,38 @@ def unanswered(store: Store, job: str, *, running_run: int | None = None) -> lis
     return [{"run": r["run_id"], "batch": r["batch"], "attempt": r["attempt"],
              "keys": json.loads(r["keys"]), "sent_at": r["sent_at"]} for r in rows]
 
-def resend_stats(store: Store, job: str) -> dict[str, int]:
-    """Images carried by more than one request: the visible bound on double billing."""
+
+def unanswered(store: Store, job: str, *, running_run: int | None = None) -> list[dict[str, Any]]:
+    """What is still open: requests of runs that ended without an answer, with only those of
+    their images that have no answer yet (still `pending`); a request whose images have all
+    been answered since is history (`resend_stats`), not listed here."""
+    lost = lost_requests(store, job, running_run=running_run)
+    keys = list({k for u in lost for k in u["keys"]})
+    answered: set[str] = set()
+    for i in range(0, len(keys), 500):
+        part = keys[i:i + 500]
+        answered.update(k for (k,) in store.db.read(lambda c, part=part: c.execute(
+            f"SELECT key FROM items WHERE job = ? AND state != 'pending' AND key IN "
+            f"({','.join('?' * len(part))})", (job, *part)).fetchall()))
+    out = []
+    for u in lost:
+        still = [k for k in u["keys"] if k not in answered]
+        if still:
+            out.append({**u, "keys": still})
+    return out
+
+
+def resend_stats(store: Store, job: str, *, running_run: int | None = None) -> dict[str, int]:
+    """History, not a warning: images carried by more than one request (each may have been
+    billed more than once: the visible bound on double billing), and requests of ended runs
+    whose answer was never recorded."""
     row = store.db.read(lambda c: c.execute(
         "SELECT count(*), coalesce(sum(sends - 1), 0) FROM items "
         "WHERE job = ? AND sends > 1", (job,)).fetchone())
-    return {"images_sent_more_than_once": int(row[0]), "extra_sends": int(row[1])}
+    lost = lost_requests(store, job, running_run=running_run)
+    return {"images_sent_more_than_once": int(row[0]), "extra_sends": int(row[1]),
+            "requests_without_answer": len(lost),
+            "images_in_requests_without_answer": len({k for u in lost for k in u["keys"]})}
 
 def stored_rows(path: Path, job: str, state: str | None = None) -> Iterator[dict[str, Any]]:
     q = ("SELECT key, uri, state, reason, credits, reused_from, content_hash, fingerprint, "

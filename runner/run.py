@@ -9,6 +9,7 @@ depends on it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -25,6 +26,8 @@ from runner.records import FAILED, PENDING, Item, Ready, RecordOutcome, Refused
 from runner.sources import check_sources, iter_chunks, list_items
 from runner.store import BatchAnswer, Store, compact_json
 from runner.summary import KIND_COUNTERS, ProgressFn, RunOptions, Summary
+
+log = logging.getLogger("ximrun.run")
 
 # Listed items are classified against the database a chunk at a time (one transaction each).
 # The first chunk is small, so that the first batch leaves soon; while nothing is being sent,
@@ -93,6 +96,7 @@ class Run:
         self.auth_error: AuthError | None = None
         self.sending = 0  # batches handed to the request threads and not finished
         self.service_error: str | None = None  # the last failure of the service, not a record's
+        self._classifying: deque[Callable[[], Classified]] = deque()  # chunks queued, not counted
 
     # listing and classification
 
@@ -102,8 +106,10 @@ class Run:
         def skipped(why: str) -> None:  # sources.py has logged the row and why
             self.summary.skipped_rows += 1
 
-        # Chunks are classified (by the store's writer) while the next ones are listed.
-        queued: deque[Callable[[], Classified]] = deque()
+        # Chunks are classified (by the store's writer) while the next ones are listed. Each one
+        # queued is recorded as listed in the runs row: `settle_listing` counts those a stop left
+        # unread, so that the summary and the row agree.
+        queued = self._classifying
         listed = list_items(self.job.source, on_skip=skipped)
         size = LIST_CHUNK_SENDING
 
@@ -120,6 +126,15 @@ class Run:
                 yield from self._counted(queued.popleft()())
         while queued:
             yield from self._counted(queued.popleft()())
+        self.summary.listing_done = True
+        self.report()
+
+    def settle_listing(self) -> None:
+        """Chunks classified ahead of a stop are recorded as listed (and their images pending):
+        counted into the summary too, their images left for the next run."""
+        while self._classifying:
+            with contextlib.suppress(Exception):  # an error of the writer is raised elsewhere
+                self._counted(self._classifying.popleft()())
 
     def _counted(self, classified: Classified) -> list[Listed]:
         s = self.summary
@@ -145,6 +160,7 @@ class Run:
         self.run_id = self.store.begin_run(self.job.name, pid=os.getpid(),
                                            endpoint=self.job.api.endpoint, budget=self.budget)
         s.run_id = self.run_id
+        self.report()  # the caller learns the run's id at once (a second Ctrl-C records it)
         self.spent = self.store.spent(self.job.name)
         stopped_by: str | None = None
         listing_complete = False
@@ -162,6 +178,7 @@ class Run:
             raise
         finally:
             s.elapsed_s = round(time.monotonic() - started, 3)
+            self.settle_listing()
         if self.auth_error is not None:
             s.status, s.exit_code, s.message = "auth_refused", ExitCode.AUTH, str(self.auth_error)
         else:
@@ -195,8 +212,12 @@ class Run:
             else:
                 s.status, s.exit_code = "finished", ExitCode.OK
         s.missing = self.store.missing_count(self.job.name)
+        if s.account_before is not None and s.account_after is not None:
+            s.account_gap = s.account_after - s.account_before - s.credits
+            if s.account_gap:
+                log.warning("%s", self._gap_message())
         self.store.finish_run(self.run_id, status=s.status, exit_code=s.exit_code,
-                              account_after=s.account_after)
+                              account_after=s.account_after, account_gap=s.account_gap)
         self.report()
         return s
 
@@ -418,6 +439,26 @@ class Run:
                                     for it in late]
         return late_reused, late_failed
 
+
+    def _gap_message(self) -> str:
+        """Why the account's counter moved otherwise than the credits recorded, most likely."""
+        s = self.summary
+        moved = (s.account_after or 0) - (s.account_before or 0)
+        gap = s.account_gap or 0
+        paid = s.done - s.reused  # answers this run paid for
+        text = (f"the account's credit counter moved {moved} during this run, but ximrun "
+                f"recorded {s.credits} credit(s): {abs(gap)} {'more' if gap > 0 else 'fewer'} "
+                "than recorded. ")
+        causes = []
+        if paid and moved > 0 and moved % paid == 0 and moved // paid != self.per_image:
+            causes.append(f"[credits] per_image is {self.per_image}, but the account moved "
+                          f"{moved // paid} per image answered: set per_image = {moved // paid}")
+        if gap > 0 and s.requests > self.batch_no:
+            causes.append(f"answers lost in flight: {s.requests - self.batch_no} request(s) "
+                          "were sent again after a failure, and a request whose answer was "
+                          "lost is billed anyway (see `ximrun status`: sent more than once)")
+        causes.append("another client using the same account meanwhile")
+        return text + "Likely: " + "; or ".join(causes)
 
     def _unavailable_message(self, pending: int, failed: int) -> str:
         breaker = self.client.breaker

@@ -11,6 +11,22 @@ from runner.records import PENDING
 SCHEMA_VERSION = 1
 
 
+# Columns added after databases were created: (table, column, declaration). A numbered
+# migration will replace this check.
+ADDED_COLUMNS = (
+    # How far the account's counter moved beyond the credits the run recorded (NULL: unknown).
+    ("runs", "account_gap", "INTEGER"),
+)
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """`ALTER TABLE ... ADD COLUMN` for each added column a database does not have yet."""
+    for table, column, decl in ADDED_COLUMNS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+
+
 def create_schema(conn: sqlite3.Connection) -> None:
     """The tables and indexes, created where missing; the schema version recorded once."""
     db = sqlite_utils.Database(conn)
@@ -61,6 +77,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     db["attempts"].create_index(["job", "closed_at"], if_not_exists=True)
     db["attempts"].create_index(["run_id", "batch"], if_not_exists=True)
     db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+    _add_missing_columns(conn)
     conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                       (str(SCHEMA_VERSION),))
     create_views(conn)

@@ -124,11 +124,11 @@ class Store:
         return self.db.write(begin)
 
     def finish_run(self, run_id: int, *, status: str, exit_code: int,
-                   account_after: int | None = None) -> None:
+                   account_after: int | None = None, account_gap: int | None = None) -> None:
         self.db.write(lambda c: c.execute(
             "UPDATE runs SET finished_at = ?, status = ?, exit_code = ?, "
-            "account_after = coalesce(?, account_after) WHERE id = ?",
-            (utcnow(), status, exit_code, account_after, run_id)))
+            "account_after = coalesce(?, account_after), account_gap = ? WHERE id = ?",
+            (utcnow(), status, exit_code, account_after, account_gap, run_id)))
 
     def set_account_before(self, run_id: int, value: int | None) -> None:
         self.db.write(lambda c: c.execute("UPDATE runs SET account_before = ? WHERE id = ?",
@@ -363,9 +363,14 @@ class Store:
                      keys: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
         row = (run_id, job, batch, attempt, json.dumps(list(keys)), len(keys), utcnow())
 
+        # `sends` is counted here, in the same transaction as the row: items.sends is the number
+        # of attempts rows naming the image, whatever happens to the process afterwards.
+        sends = [(job, k) for k in keys]
+
         def record(c: sqlite3.Connection) -> None:
             c.execute("INSERT INTO attempts (run_id, job, batch, attempt, keys, n, sent_at) "
                       "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            c.executemany("UPDATE items SET sends = sends + 1 WHERE job = ? AND key = ?", sends)
             self._counts.add(run_id, requests=1)
 
         return record
@@ -374,10 +379,15 @@ class Store:
         """A request that never connected: its attempts row goes, and it is no request of the
         run. Returns once committed."""
         def forget(c: sqlite3.Connection) -> None:
-            gone = c.execute("DELETE FROM attempts WHERE run_id = ? AND batch = ? AND attempt = ? "
-                             "AND closed_at IS NULL", (run_id, batch, attempt)).rowcount
-            if gone:
-                self._counts.add(run_id, requests=-gone)
+            where = "WHERE run_id = ? AND batch = ? AND attempt = ? AND closed_at IS NULL"
+            args = (run_id, batch, attempt)
+            rows = c.execute(f"SELECT job, keys FROM attempts {where}", args).fetchall()
+            for job, keys in rows:  # the sends its row counted go with it
+                c.executemany("UPDATE items SET sends = sends - 1 WHERE job = ? AND key = ? "
+                              "AND sends > 0", [(job, k) for k in json.loads(keys)])
+            if rows:
+                c.execute(f"DELETE FROM attempts {where}", args)
+                self._counts.add(run_id, requests=-len(rows))
 
         self.db.write_waited("forget_attempt", forget)
 
@@ -388,7 +398,7 @@ class Store:
         now = utcnow()
         credits = 0
         done = failed = sent = reused = 0
-        rows_done, rows_failed, rows_sends, rows_followers = [], [], [], []
+        rows_done, rows_failed, rows_reason, rows_followers = [], [], [], []
         for a in answers:
             o = a.outcome
             if not o.final:
@@ -396,8 +406,8 @@ class Store:
                 # is kept as the reason, and the images count as sent if a request left).
                 if o.unavailable and o.attempts > 0:
                     sent += 1
-                rows_sends.append((o.attempts, o.reason if o.unavailable else None, now, job,
-                                   a.item.key))
+                if o.unavailable:
+                    rows_reason.append((o.reason, now, job, a.item.key))
                 continue
             sent += 1
             result = compact_json(o.record) if o.record is not None else None
@@ -405,27 +415,27 @@ class Store:
                 credits += per_image
                 done += 1
                 rows_done.append((result, per_image, a.content_hash, request_sig, prep_sig,
-                                  o.attempts, now, now, job, a.item.key))
+                                  now, now, job, a.item.key))
                 for f in a.followers:
                     reused += 1
-                    rows_done.append((result, 0, a.content_hash, request_sig, prep_sig, 0, now,
+                    done += 1  # as mark_reused counts a copy answered later: done and reused
+                    rows_done.append((result, 0, a.content_hash, request_sig, prep_sig, now,
                                       now, job, f.key))
                     # Followers carry the key they were answered through.
                     rows_followers.append((a.item.key, job, f.key))
             else:
                 failed += 1
-                rows_failed.append((o.reason, result, a.content_hash, o.attempts, now, job,
-                                    a.item.key))
+                rows_failed.append((o.reason, result, a.content_hash, now, job, a.item.key))
                 for f in a.followers:
                     failed += 1
                     rows_failed.append((f"same bytes as {a.item.key}: {o.reason}", None,
-                                        a.content_hash, 0, now, job, f.key))
+                                        a.content_hash, now, job, f.key))
 
         def record(c: sqlite3.Connection) -> None:
             c.executemany(
                 "UPDATE items SET state = 'done', reason = NULL, result = ?, "
                 "credits = credits + ?, content_hash = ?, request_sig = ?, prep_sig = ?, "
-                "reused_from = NULL, sends = sends + ?, updated_at = ?, answered_at = ? "
+                "reused_from = NULL, updated_at = ?, answered_at = ? "
                 "WHERE job = ? AND key = ?", rows_done)
             if rows_followers:
                 c.executemany("UPDATE items SET reused_from = ? WHERE job = ? AND key = ?",
@@ -433,11 +443,11 @@ class Store:
             if rows_failed:
                 c.executemany(
                     "UPDATE items SET state = 'failed', reason = ?, result = ?, content_hash = ?, "
-                    "request_sig = NULL, sends = sends + ?, updated_at = ? "
+                    "request_sig = NULL, updated_at = ? "
                     "WHERE job = ? AND key = ?", rows_failed)
-            if rows_sends:
-                c.executemany("UPDATE items SET sends = sends + ?, reason = coalesce(?, reason), "
-                              "updated_at = ? WHERE job = ? AND key = ?", rows_sends)
+            if rows_reason:
+                c.executemany("UPDATE items SET reason = ?, updated_at = ? WHERE job = ? AND key = ?",
+                              rows_reason)
             c.execute("UPDATE attempts SET closed_at = ? WHERE run_id = ? AND batch = ? "
                       "AND closed_at IS NULL", (now, run_id, batch))
             self._counts.add(run_id, sent=sent, done=done, failed=failed, reused=reused,

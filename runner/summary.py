@@ -55,7 +55,10 @@ class Summary:
     budget: int = 0
     account_before: int | None = None
     account_after: int | None = None
+    # account_after - account_before - credits: what the account paid beyond what was recorded
+    account_gap: int | None = None
     elapsed_s: float = 0.0
+    listing_done: bool = False  # the listing was read to its end (the total to do is known)
     rejected_reasons: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:

@@ -224,7 +224,8 @@ def test_requests_that_never_connected_are_not_sends_nor_possibly_billed(tmp_pat
     assert all(r["state"] == "pending" and r["sends"] == 0 for r in rows.values())
     st = status_json(job)
     assert st["possibly_billed_without_answer"] == []
-    assert st["resends"] == {"images_sent_more_than_once": 0, "extra_sends": 0}
+    assert st["resends"] == {"images_sent_more_than_once": 0, "extra_sends": 0,
+                             "requests_without_answer": 0, "images_in_requests_without_answer": 0}
     with sqlite3.connect(tmp_path / "state" / "outage.db") as db:
         assert db.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
         assert db.execute("SELECT requests, sent FROM runs").fetchall() == [(0, 0)]

@@ -6,7 +6,9 @@ replies, hangs up when a fault says so, and drops connections left idle like the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import signal
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +16,15 @@ from typing import Any
 
 from runner.errors import JobError
 from runner.job import SANDBOX_DEFAULT_PATH, SandboxSettings
-from runner.sandbox.service import Emulator, LedgerEntry, Reply, json_reply
+from runner.sandbox.service import (
+    ACCOUNT_PATH,
+    HEALTH_PATH,
+    LEDGER_PATH,
+    Emulator,
+    LedgerEntry,
+    Reply,
+    json_reply,
+)
 
 log = logging.getLogger("ximrun.sandbox")
 
@@ -235,12 +245,57 @@ def serve(settings: SandboxSettings, host: str, port: int) -> None:
         sb.start()
     except OSError as exc:
         raise JobError(f"--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    token = "any token" if settings.token is None else "the configured token"
-    print(f"ximrun sandbox: serving the API emulator at {sb.base_url} "
-          f"(accepts {token}; Ctrl-C stops)", flush=True)
+    print(startup_text(sb), flush=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM ends it as Ctrl-C does: with the totals.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         sb.wait()
     except KeyboardInterrupt:
         pass  # Ctrl-C is how this command is meant to end
     finally:
         sb.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    print(totals_text(sb), flush=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def startup_text(sb: Sandbox) -> str:
+    """What `ximrun sandbox` prints once it listens: what to put in a job, and where to look."""
+    s = sb.settings
+    token = ("any token (XIMILAR_TOKEN may hold anything)" if s.token is None
+             else f"{s.token!r} only (export XIMILAR_TOKEN={s.token})")
+    faults = ", ".join(f"{f.name} = {getattr(s, f.name)!r}" for f in dataclasses.fields(s)
+                       if f.name != "token" and getattr(s, f.name) != f.default)
+    base = sb.base_url
+    return "\n".join([
+        f"ximrun sandbox: serving the API emulator at {base} (Ctrl-C stops it and prints its "
+        "totals)",
+        f"  endpoint  {sb.endpoint_url()}",
+        "            put it in the job: [api] endpoint = \"...\" (any service path of the API "
+        "works, e.g. card-grader/v2/grade)",
+        f"  token     {token}",
+        f"  ledger    {base}{LEDGER_PATH}   (every record received and what became of it, and "
+        "credits_used, as JSON)",
+        f"  account   {base}{ACCOUNT_PATH}   (credits_counter, as the API's account endpoint)",
+        f"  health    {base}{HEALTH_PATH}",
+        f"  settings  {faults or 'no faults (all defaults)'}",
+    ])
+
+
+def totals_text(sb: Sandbox) -> str:
+    """What `ximrun sandbox` prints when it stops: what it received and billed."""
+    ledger = sb.ledger()
+    requests = len({e.request_no for e in ledger})
+    billed = sum(e.billed for e in ledger)
+    lost = sum(e.billed and not e.answered for e in ledger)
+    refused = sum(e.code >= 400 for e in ledger)
+    images = len({e.record_id for e in ledger})
+    return (f"ximrun sandbox: stopped. {requests} request(s) with {len(ledger)} record(s) "
+            f"({images} distinct id(s)): {billed} billed ({lost} whose answer was lost), "
+            f"{refused} refused; credits used {sb.credits_used}")
