@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import struct
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -349,3 +350,66 @@ def _encode(im: Image.Image, fmt: str, icc: bytes | None) -> bytes:
     else:
         im.save(buf, "PNG", icc_profile=icc)
     return buf.getvalue()
+
+
+# --- thumbnails (ximrun report) ---------------------------------------------------------------
+
+THUMBNAIL_QUALITY = 70
+
+
+class ThumbnailError(Exception):
+    """Why an image cannot be shown as a thumbnail (for a placeholder that says so)."""
+
+
+def thumbnail(data: bytes, side: int, max_pixels: int,
+              frame: tuple[int, int] | None = None) -> bytes:
+    """A JPEG at most side x side of the image's first frame. `frame`: the (width, height) the
+    API saw; the orientation (EXIF applied or not) that matches its shape is kept, so that boxes
+    in its pixels fall in place. Raises ThumbnailError with the reason it cannot be made."""
+    if not data:
+        raise ThumbnailError("cannot be shown: empty")
+    fmt = sniff_format(data[:SNIFF_BYTES])
+    decoders = [d for d in _DECODERS.get(fmt or "", ()) if d in Image.OPEN]
+    if not decoders:
+        raise ThumbnailError(f"cannot be shown: {'no decoder for ' + fmt if fmt else 'not an image'}")
+    for decoder in decoders:
+        try:
+            with Image.open(io.BytesIO(data), formats=(decoder,)) as im:
+                w, h = im.size
+                if w <= 0 or h <= 0 or w * h > max_pixels:
+                    raise ThumbnailError("cannot be shown: too large to decode")
+                if fmt == "jpeg":
+                    im.draft("RGB", (side, side))
+                im.load()
+                shown = ImageOps.exif_transpose(im)
+                if frame and _aspect_off(shown.size, frame) > _aspect_off(im.size, frame):
+                    shown = im
+                shown = _rgb(shown)
+                shown.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+                buf = io.BytesIO()
+                shown.save(buf, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
+                return buf.getvalue()
+        except ThumbnailError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError):
+            raise ThumbnailError("cannot be shown: too large to decode") from None
+        except Exception:  # noqa: BLE001,S112 -- bad content: the next decoder, else the placeholder
+            continue
+    raise ThumbnailError(f"cannot be shown: the {fmt} data does not decode")
+
+
+def _aspect_off(size: tuple[int, int], frame: tuple[int, int]) -> float:
+    return abs(size[0] / max(size[1], 1) - frame[0] / max(frame[1], 1))
+
+
+def _rgb(im: Any) -> Any:
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        back = Image.new("RGB", rgba.size, (255, 255, 255))
+        back.paste(rgba, mask=rgba.getchannel("A"))
+        return back
+    if im.mode == "I;16" or im.mode == "I" or im.mode == "F":
+        return im.point(lambda v: v / 256).convert("RGB")
+    return im.convert("RGB") if im.mode != "RGB" else im
