@@ -106,6 +106,7 @@ class Limits:
         self.deadline: float | None = None  # time.monotonic() after which no batch is taken
         self.wall_deadline: float | None = None  # the same as time.time(), for Dask workers
         self._lock = threading.Lock()
+        self._roll_lock = threading.Lock()
         self.run_id = 0
         self.total_before = 0  # the job's recorded + possibly billed credits, other runs
         self.spent = 0  # this run: recorded
@@ -190,11 +191,15 @@ class Limits:
     # --- what is left ----------------------------------------------------------------------------
 
     def _roll(self) -> None:
-        """A new day or month began: its own allowance applies from then on."""
+        """A new day or month began: its own allowance applies from then on (what this run
+        records from then on counts in it, with the reservations still in flight)."""
+        if not self.windows:
+            return
         t = now()
-        for kind, w in list(self.windows.items()):
-            if t >= w.end:
-                self.windows[kind] = self._open_window(kind, t)
+        with self._roll_lock:
+            for kind, w in list(self.windows.items()):
+                if t >= w.end:
+                    self.windows[kind] = self._open_window(kind, t)
 
     def rooms(self) -> dict[str, int]:
         """Credits each money limit still allows, counting the reservations in flight."""
@@ -227,7 +232,6 @@ class Limits:
         when it allows none (the run stops once nothing is in flight)."""
         self._refresh()
         with self._lock:
-            self.account_batches += 1
             rooms = self.rooms()
             for name, room in rooms.items():
                 cap = self._cap(name)
@@ -238,6 +242,7 @@ class Limits:
                 if n == 0:
                     break
             self.short = name if n == 0 else None
+            self.account_batches += n > 0
             self.reserved += n * self.per_image
             return n
 
@@ -264,6 +269,7 @@ class Limits:
 
     def settle(self, reserved: int, credits: int) -> None:
         """A batch was recorded: its reservation goes, its recorded credits stay."""
+        self._roll()
         with self._lock:
             self.reserved -= reserved
             self.spent += credits
@@ -273,6 +279,7 @@ class Limits:
     def lose(self, records: int) -> None:
         """A request's answer was lost: it may have been billed, for good."""
         credits = records * self.per_image
+        self._roll()
         with self._lock:
             self.lost += credits
             for w in self.windows.values():

@@ -166,13 +166,12 @@ def test_a_run_that_crosses_midnight_gets_the_new_days_allowance_from_midnight(
     job = write_job(tmp_path, sandbox, tmp_path / "imgs", api={"batch_size": 1, "concurrency": 1},
                     credits={"per_day": 30, "timezone": "America/New_York"})
     s = run_json(job, exit_code=3)
-    # three before midnight (23:57:30, 23:58:30, 23:59:30), three after it; then the new day's
-    # allowance is spent too
-    assert s["credits"] == 60 and s["status"] == "stopped_by_per_day"
-    assert billed(sandbox) == 60
-    # the same run in UTC would have stopped after three
-    sb_requests = len(sandbox.ledger())
-    assert sb_requests == 6
+    # Two answers recorded before midnight (at 23:57:30 and 23:58:30) and a third sent at 23:59:30
+    # within the day's 30; that one's answer is recorded at 00:00:30, in the new day, which then
+    # takes two more. In UTC (or in a run that ignored midnight) it would have stopped at 30.
+    assert s["credits"] == 50 and s["status"] == "stopped_by_per_day"
+    assert billed(sandbox) == 50 and len(sandbox.ledger()) == 5
+    assert s["limits"]["per_day"] == {"limit": 30, "left": 0}
 
 
 # --- what may have been billed without an answer -----------------------------------------------
