@@ -227,6 +227,32 @@ def test_a_killed_runs_requests_in_flight_count_against_the_next_runs_limits(tmp
         assert s["stopped_by"] in ("budget", "per_day")
 
 
+@pytest.mark.slow
+def test_repeated_kills_with_lost_answers_never_bill_past_the_budget(tmp_path):
+    make_images(tmp_path / "imgs", 60)
+    with Sandbox(SandboxSettings(token=TOKEN, latency_ms=500, pdrop=0.3, seed=2)) as sb:
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=5, concurrency=3),
+                        credits={"budget": 300})
+        db = tmp_path / "state" / "t.db"
+        for kill in range(4):
+            child = start(tmp_path, "run", str(job), start_new_session=True)
+            wait_for(lambda k=kill: db_count(db, "SELECT count(*) FROM runs") > k, "the run",
+                     child)
+            time.sleep(0.4 + 0.5 * kill)
+            child.proc.send_signal(signal.SIGKILL)
+            child.proc.wait()
+            settle(sb)
+            assert billed(sb) <= 300
+        s = run_json(job, exit_code=3)
+        assert s["status"] == "stopped_by_budget"
+        assert billed(sb) <= 300
+        st = status_json(job)
+        assert billed(sb) >= st["credits"]["recorded"] > 0
+        assert st["credits"]["recorded"] + PER_IMAGE * sum(
+            len(u["keys"]) for u in st["possibly_billed_without_answer"]) <= 300
+
+
 # --- the account's floor ------------------------------------------------------------------------
 
 def test_min_account_credits_stops_before_the_account_falls_below(tmp_path, monkeypatch):
