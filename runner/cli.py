@@ -224,7 +224,7 @@ def _print_summary(s: Any, as_json: bool) -> None:
     line = f"  credits {s.credits} recorded"
     if s.credits_saved:
         line += f", {s.credits_saved} saved by reuse"
-    if s.budget:
+    if s.budget is not None:
         line += f", budget {s.budget}"
     if s.account_before is not None and s.account_after is not None:
         line += (f"; account counter {s.account_before} -> {s.account_after} "
@@ -240,15 +240,72 @@ def _print_summary(s: Any, as_json: bool) -> None:
         out.append(f"  missing {s.missing}: known images no longer listed by the sources")
     if s.skipped_rows:
         out.append(f"  skipped {s.skipped_rows} manifest row(s); see the log above")
+    if s.limits and not s.stopped_by:
+        out.append("  limits: " + _limits_text(s.limits))
     if s.message:
         out.append(f"  {s.message}")
     click.echo("\n".join(out))
 
 
+def _limits_text(limits: dict[str, Any]) -> str:
+    parts = []
+    for name, e in limits.items():
+        if name == "duration":
+            parts.append(f"max_duration {e['limit']:g}s")
+        elif name == "account":
+            left = "?" if e.get("left") is None else e["left"]
+            parts.append(f"account {left} above the floor {e['limit']}")
+        else:
+            parts.append(f"{name} {e['left']} left of {e['limit']}")
+    return ", ".join(parts)
+
+
+class _Limit(click.ParamType):
+    """A credit limit: an integer >= 0 (0: spend nothing), or `none` (no limit)."""
+
+    name = "N|none"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        from runner.limits import NO_LIMIT
+
+        if isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "none":
+            return NO_LIMIT
+        try:
+            n = int(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a whole number of credits or 'none'", param, ctx)
+        if n < 0:
+            self.fail(f"{value!r} is below 0 (0 means spend nothing; 'none' means no limit)",
+                      param, ctx)
+        return n
+
+
+class _Duration(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        from runner.job import parse_duration
+
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration("--max-duration", str(value))
+        except JobError as exc:
+            self.fail(str(exc).removeprefix("--max-duration: "), param, ctx)
+
+
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--limit", type=click.IntRange(min=1), help="Stop after N images (exit 3).")
-@click.option("--budget", type=click.IntRange(min=0), help="Override the job's credit budget.")
+@click.option("--budget", type=_Limit(),
+              help="Override the job's credit budget (its total): N credits, 0 to spend nothing, "
+                   "`none` for no budget.")
+@click.option("--max-credits", type=_Limit(),
+              help="Credits this run may spend (overrides [credits] per_run; `none`: no limit).")
+@click.option("--max-duration", type=_Duration(),
+              help="Stop taking new batches after this long (90s, 45m, 2h, 1h30m); exit 3.")
 @click.option("--dry-run", is_flag=True, help="Same as `ximrun plan`: nothing is sent.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--dask", "dask_address", help="Run on this Dask scheduler (tcp://host:8786).")
@@ -267,9 +324,10 @@ def _print_summary(s: Any, as_json: bool) -> None:
 @click.option("--stats", "stats_every", type=click.FloatRange(min=0, min_open=True),
               default=LOG_EVERY_S, show_default=True,
               help="Seconds between progress lines when stderr is not a terminal.")
-def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_json: bool,
-        dask_address: str | None, quiet: bool, verbose: int, metrics_file: str | None,
-        log_file: str | None, log_format: str, stats_every: float) -> None:
+def run(job_file: str, limit: int | None, budget: int | None, max_credits: int | None,
+        max_duration: float | None, dry_run: bool, as_json: bool, dask_address: str | None,
+        quiet: bool, verbose: int, metrics_file: str | None, log_file: str | None,
+        log_format: str, stats_every: float) -> None:
     """List, check and send new or changed images; record every answer. Resumes by design."""
     _setup_logging(verbose, quiet)
     try:
@@ -296,8 +354,8 @@ def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_
     # An exception that escapes ends Python with 1: the metrics say so too.
     result: dict[str, Any] = {"summary": None, "code": 1}
     try:
-        _run(job, limit=limit, budget=budget, stop=stop, quiet=quiet, as_json=as_json,
-             stats_every=stats_every, result=result)
+        _run(job, limit=limit, budget=budget, max_credits=max_credits, max_duration=max_duration,
+             stop=stop, quiet=quiet, as_json=as_json, stats_every=stats_every, result=result)
     except SystemExit as exc:
         result["code"] = exc.code if isinstance(exc.code, int) else ExitCode.USAGE
         raise
@@ -306,8 +364,9 @@ def run(job_file: str, limit: int | None, budget: int | None, dry_run: bool, as_
         _end_of_run(job, metrics_path, started, result)
 
 
-def _run(job: Job, *, limit: int | None, budget: int | None, stop: threading.Event,
-         quiet: bool, as_json: bool, stats_every: float, result: dict[str, Any]) -> None:
+def _run(job: Job, *, limit: int | None, budget: int | None, max_credits: int | None,
+         max_duration: float | None, stop: threading.Event, quiet: bool, as_json: bool,
+         stats_every: float, result: dict[str, Any]) -> None:
     """The run and its summary; `result` gets the summary and the exit code as they are known."""
     from runner.executors import run_job
     from runner.summary import RunOptions
@@ -325,8 +384,14 @@ def _run(job: Job, *, limit: int | None, budget: int | None, stop: threading.Eve
         progress(s)
 
     try:
-        summary = run_job(job, RunOptions(limit=limit, budget=budget), stop=stop,
-                          progress=on_progress)
+        from runner.limits import NO_LIMIT
+
+        options = RunOptions(limit=limit, budget=budget,
+                             max_credits=None if max_credits == NO_LIMIT else max_credits,
+                             max_duration=max_duration)
+        if max_credits == NO_LIMIT:
+            job = dataclasses.replace(job, credits=dataclasses.replace(job.credits, per_run=None))
+        summary = run_job(job, options, stop=stop, progress=on_progress)
     except RunnerError as exc:
         result["code"] = exc.exit_code
         _fail(_message(exc), exc.exit_code)
@@ -404,7 +469,19 @@ def _plan(job_file: str, as_json: bool) -> None:
         + (f"; unreadable {s.failed}" if s.failed else "") + "\n"
         f"  credits a run would cost: {s.credits}"
         + (f" (saved by reuse: {s.credits_saved})" if s.credits_saved else "")
-        + (f"; budget {s.budget}" if s.budget else ""))
+        + (f"; budget {s.budget}" if s.budget is not None else ""))
+    for name, e in s.limits.items():
+        if name == "duration":
+            click.echo(f"  limit max_duration {e['limit']:g}s: when it ends, no new batch")
+            continue
+        if name == "account":
+            click.echo(f"  limit min_account_credits {e['limit']}: checked against the account "
+                       "when the run starts")
+            continue
+        where = (f"would stop the run after {e['images_before_stop']} image(s)"
+                 if e.get("stops_run") else "would not stop the run")
+        used = f", used {e['used']}" if "used" in e else ""
+        click.echo(f"  limit {name} {e['limit']}{used}, left {e['left']}: {where}")
 
 
 @main.command()
@@ -441,6 +518,8 @@ def status(job_file: str, as_json: bool) -> None:
         lines.append(f"  {s:<9}{st[s]:>8}{extra}")
     lines.append(f"  {'missing':<9}{r['missing']:>8}   (no longer listed by the sources)")
     credit_line = f"  credits recorded {c['recorded']}, saved by reuse {c['saved_by_reuse']}"
+    if r.get("limits"):
+        lines.append("  limits: " + _limits_text(r["limits"]))
     if c["last_run_account_difference"] is not None:
         credit_line += (f"; last run: recorded {c['last_run_recorded']}, account counter "
                         f"moved {c['last_run_account_difference']}")

@@ -46,6 +46,8 @@ RETRY_HTTP = frozenset({408, 429, 500, 502, 503, 504})
 BISECT_HTTP = frozenset({400, 413})
 
 AttemptFn = Callable[[Sequence[str], int], None]
+# Before each request: None to send it, or why it is withheld (a spending limit, a time window).
+GateFn = Callable[[Sequence[str], int], str | None]
 
 
 def authorization(token: str, scheme: str = "auto") -> str:
@@ -117,6 +119,8 @@ class _Submission:
 
     on_attempt: AttemptFn | None
     on_unsent: AttemptFn | None = None
+    on_lost: AttemptFn | None = None
+    may_send: GateFn | None = None
     requests: int = 0
     retries: int = 0
     attempts: dict[str, int] = field(default_factory=dict)
@@ -154,6 +158,7 @@ class _Reply:
     retry_after: float | None = None
     records: tuple[tuple[RequestRecord, Mapping[str, Any]], ...] = ()
     unsent: bool = False  # the request never reached the service (no connection was made)
+    lost: bool = False  # it may have been billed and its answer is lost (dropped, timed out, ...)
 
 
 class ApiClient:
@@ -193,19 +198,23 @@ class ApiClient:
 
     def submit_batch(self, records: Sequence[RequestRecord],
                      on_attempt: AttemptFn | None = None,
-                     on_unsent: AttemptFn | None = None) -> list[RecordOutcome]:
+                     on_unsent: AttemptFn | None = None, on_lost: AttemptFn | None = None,
+                     may_send: GateFn | None = None) -> list[RecordOutcome]:
         """Send records (retrying, bisecting as needed); one outcome per record, in input order.
 
         `on_attempt(ids, n)` runs before every HTTP request, so the caller can record that these
         records may be billed; `on_unsent(ids, n)` runs after one that never connected (nothing
-        of it reached the service), and it is not counted in the outcomes' `attempts`. Raises
+        of it reached the service), and it is not counted in the outcomes' `attempts`;
+        `on_lost(ids, n)` after one that may have been billed whose answer is lost (a transport
+        error after connecting, a gateway's page, a 2xx the client cannot use). `may_send(ids,
+        n)` before each request: a reason withholds it, and its records stay pending. Raises
         AuthError when the API refuses the token.
         """
         records = list(records)
         for r in records:
             if r.data is None and r.url is None:
                 raise ValueError(f"record {r.id!r} has neither bytes nor a URL")
-        batch = _Submission(on_attempt, on_unsent)
+        batch = _Submission(on_attempt, on_unsent, on_lost, may_send)
         if records:
             self._send(batch, records)
             final = [o for o in batch.outcomes.values() if o.final]
@@ -262,6 +271,14 @@ class ApiClient:
             if self.breaker.is_open():
                 self.limit.release()
                 self._halted_outcomes(batch, pending)
+                return
+            withheld = (batch.may_send([r.id for r in pending], batch.requests + 1)
+                        if batch.may_send is not None else None)
+            if withheld is not None:
+                self.limit.release()
+                for r in pending:
+                    batch.outcomes[r.id] = RecordOutcome(r.id, ok=False, final=False,
+                                                         reason=f"not sent: {withheld}")
                 return
             try:
                 answer = self._request(batch, pending)
@@ -404,6 +421,8 @@ class ApiClient:
             if batch.on_unsent is not None:
                 batch.on_unsent([r.id for r in group], batch.requests)
             batch.requests -= 1
+        elif reply.lost and batch.on_lost is not None:
+            batch.on_lost([r.id for r in group], batch.requests)
         return reply
 
     def _exchange(self, batch: _Submission, group: list[RequestRecord]) -> _Reply:
@@ -416,8 +435,9 @@ class ApiClient:
             # urllib3 already replaces a pooled connection found dead before sending; what reaches
             # here may have been sent and billed, so it counts as an attempt like any other,
             # unless no connection was ever made.
+            unsent = never_sent(exc)
             return _Reply("retry", error=self._redact(transport_error(exc, self._timeout)),
-                          unsent=never_sent(exc))
+                          unsent=unsent, lost=not unsent)
         return self._read_answer(resp, group)
 
     def _read_answer(self, resp: urllib3.BaseHTTPResponse, group: list[RequestRecord]
@@ -433,7 +453,7 @@ class ApiClient:
         if 200 <= code < 300 and isinstance(body, dict) and isinstance(body.get("records"), list):
             matched = _match(group, body["records"])
             if matched is None:
-                return _Reply("retry", status=code, error=(
+                return _Reply("retry", status=code, lost=True, error=(
                     f"bad answer: {len(body['records'])} records for {len(group)} sent"))
             self.limit.on_success()
             return _Reply("records", status=code, records=matched)
@@ -442,7 +462,8 @@ class ApiClient:
             inner = _body_status(body)
             if inner is None or 200 <= inner < 300:
                 what = "no records" if isinstance(body, dict) else "not JSON"
-                return _Reply("retry", status=code, error=f"bad answer: http {code} with {what}")
+                return _Reply("retry", status=code, lost=True,
+                              error=f"bad answer: http {code} with {what}")
             if inner in (401, 403):
                 raise AuthError(self._auth_message(resp, inner))
             code = inner
@@ -453,7 +474,9 @@ class ApiClient:
         if code == 429:
             self.limit.on_throttle()
         if _is_retryable(code):
-            return _Reply("retry", status=code, error=error,
+            # A gateway that timed out waiting (504) may hide a request the service processed
+            # and billed; other error answers say it was not processed.
+            return _Reply("retry", status=code, error=error, lost=code == 504,
                            retry_after=parse_retry_after(resp.headers.get("Retry-After")))
         if code in BISECT_HTTP:
             return _Reply("bisect", status=code,

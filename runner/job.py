@@ -67,8 +67,19 @@ class ImagePolicy:
 @dataclass(frozen=True)
 class CreditsConfig:
     per_image: int = 10
-    budget: int = 0
     reuse: bool = True
+    # Spending limits (runner/limits.py): a key left out is no limit; 0 means spend nothing.
+    budget: int | None = None  # the job's total over its whole life
+    per_run: int | None = None
+    per_day: int | None = None  # calendar day in `timezone`
+    per_month: int | None = None
+    timezone: str = "UTC"  # an IANA name
+    min_account_credits: int | None = None  # stop before the account's remaining credits fall below
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    max_duration: str | None = None  # "90s", "45m", "2h", "1h30m": stop taking new batches after it
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,7 @@ class Job:
     state: StateConfig
     executor: ExecutorConfig
     sandbox: SandboxSettings
+    run: RunConfig = field(default_factory=RunConfig)
     token: str | None = field(default=None, repr=False, compare=False)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
@@ -174,7 +186,11 @@ _SECTIONS = {
     "executor": ExecutorConfig,
     "sandbox": SandboxSettings,
     "monitoring": MonitoringConfig,
+    "run": RunConfig,
 }
+# Keys whose default is None but whose value is an integer (a limit left out is no limit).
+_OPTIONAL_INTS = {"credits.budget", "credits.per_run", "credits.per_day", "credits.per_month",
+                  "credits.min_account_credits"}
 
 
 def _type_name(t: Any) -> str:
@@ -222,7 +238,9 @@ def _section(name: str, raw: Any) -> dict[str, Any]:
         if key not in known:
             raise JobError(f"{full}: unknown key (known: {', '.join(sorted(known))})")
         default = getattr(cls(), key)
-        if isinstance(default, tuple):
+        if full in _OPTIONAL_INTS:
+            out[key] = _expect(full, value, int)
+        elif isinstance(default, tuple):
             out[key] = _str_list(full, value)
         elif isinstance(default, Mapping):
             out[key] = dict(_expect(full, value, dict))
@@ -308,7 +326,14 @@ def parse_job(text: str, path: Path, env: Mapping[str, str] | None = None, *,
 
     credits = CreditsConfig(**given["credits"])
     _range("credits.per_image", credits.per_image, 0)
-    _range("credits.budget", credits.budget, 0)
+    for key in ("budget", "per_run", "per_day", "per_month", "min_account_credits"):
+        if getattr(credits, key) is not None:
+            _range(f"credits.{key}", getattr(credits, key), 0)
+    check_timezone("credits.timezone", credits.timezone)
+
+    run = RunConfig(**given["run"])
+    if run.max_duration is not None:
+        parse_duration("run.max_duration", run.max_duration)
 
     state = StateConfig(**given["state"])
     if not state.db:
@@ -350,8 +375,41 @@ def parse_job(text: str, path: Path, env: Mapping[str, str] | None = None, *,
             )
 
     return Job(name=name, path=path, source=source, api=api, images=images, credits=credits,
-               state=state, executor=executor, sandbox=sandbox, token=token,
+               state=state, executor=executor, sandbox=sandbox, run=run, token=token,
                monitoring=monitoring)
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(key: str, text: str) -> float:
+    """Seconds in "90s", "45m", "2h", "1h30m" (or a bare number of seconds); JobError naming
+    `key` otherwise."""
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", t):
+        seconds = float(t)
+    else:
+        m = _DURATION.fullmatch(t)
+        if not t or m is None or not any(m.groups()):
+            raise JobError(f"{key}: {text!r} is not a duration (for example 90s, 45m, 2h, 1h30m)")
+        h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+        seconds = h * 3600 + mi * 60 + se
+    if seconds <= 0:
+        raise JobError(f"{key}: {text!r} must be longer than 0")
+    return seconds
+
+
+def check_timezone(key: str, name: str) -> None:
+    """An IANA time zone name that zoneinfo knows; JobError naming `key` otherwise."""
+    import zoneinfo
+
+    try:
+        if not name or name != name.strip():
+            raise ValueError
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        raise JobError(f"{key}: {name!r} is not a time zone name zoneinfo knows "
+                       "(for example UTC, Europe/Prague, America/New_York)") from None
 
 
 def validate_sandbox(s: SandboxSettings) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
 
 from runner.job import Job
+from runner.limits import job_figures
 from runner.prepare import prep_signature, prepare_items
 from runner.records import Ready, Refused
 from runner.sources import check_sources, iter_chunks, list_items
@@ -14,6 +16,23 @@ from runner.store import Store, open_readonly
 from runner.summary import KIND_COUNTERS, ProgressFn, Summary
 
 PLAN_CHUNK = 500  # plan reads, it does not write: its chunks only pace its progress
+
+
+def plan_limits(job: Job, to_send: int) -> dict[str, Any]:
+    """Each limit, what is left of it, and whether it would stop a run that sends `to_send`
+    images (and after how many)."""
+    db = job.db_path
+    with (open_readonly(db) if db.exists() else Store(":memory:")) as store:
+        figures = job_figures(job, store)
+    pi = job.credits.per_image
+    for name, e in figures.items():
+        left = e.get("left")
+        if name in ("account", "duration") or left is None:
+            continue
+        can = to_send if pi == 0 and e["limit"] > 0 else (0 if pi == 0 else left // pi)
+        e["stops_run"] = can < to_send
+        e["images_before_stop"] = min(can, to_send)
+    return figures
 
 
 def plan_job(job: Job, progress: ProgressFn | None = None) -> Summary:
@@ -72,5 +91,6 @@ def plan_job(job: Job, progress: ProgressFn | None = None) -> Summary:
             for r in f.result():
                 count(r)
     s.credits = s.sent * job.credits.per_image
+    s.limits = plan_limits(job, s.sent)
     s.elapsed_s = round(time.monotonic() - started, 3)
     return s

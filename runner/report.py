@@ -13,6 +13,7 @@ from typing import Any
 
 from runner.errors import StateError
 from runner.job import Job
+from runner.limits import job_figures
 from runner.records import DONE, FAILED, PENDING, REJECTED, STATES
 from runner.store import Store, open_readonly
 
@@ -50,6 +51,7 @@ def status_report(job: Job) -> dict[str, Any]:
         resends = resend_stats(store, job.name, running_run=live)
         spent = store.spent(job.name)
         saved = sum(r["credits_saved"] or 0 for r in store.recent_runs(job.name, 10_000))
+        limits = job_figures(job, store)
     last = runs[0] if runs else None
     account_diff = None
     if last and last["account_before"] is not None and last["account_after"] is not None:
@@ -70,6 +72,7 @@ def status_report(job: Job) -> dict[str, Any]:
             {"run": u["run"], "batch": u["batch"], "attempt": u["attempt"],
              "sent_at": u["sent_at"], "keys": u["keys"]} for u in open_requests],
         "resends": resends,
+        "limits": limits,  # each spending limit of the job file and what is left of it now
         "runs": [{k: r.get(k) for k in ("id", "started_at", "finished_at", "status", "exit_code",
                                     "listed", "sent", "done", "failed", "rejected", "reused",
                                     "requests", "credits", "account_before", "account_after",

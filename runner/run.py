@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from runner.classify import Classified, Listed
-from runner.client import ApiClient, AttemptFn
+from runner.client import ApiClient, AttemptFn, GateFn
 from runner.errors import AuthError, ExitCode, SourceError
 from runner.job import Job
+from runner.limits import DURATION, MONEY, NO_LIMIT, Limits, stop_message
 from runner.prepare import prep_signature, prepare_smaller
 from runner.records import FAILED, PENDING, Item, Ready, RecordOutcome, Refused
 from runner.sources import check_sources, iter_chunks, list_items
@@ -44,13 +45,15 @@ DriveFn = Callable[["Run"], tuple[str | None, bool]]
 
 
 def submit_prepared(job: Job, client: ApiClient, batch: Sequence[Ready],
-                    on_attempt: AttemptFn, on_unsent: AttemptFn | None = None
+                    on_attempt: AttemptFn, on_unsent: AttemptFn | None = None,
+                    on_lost: AttemptFn | None = None, may_send: GateFn | None = None
                     ) -> list[RecordOutcome]:
     """Send one batch; a record the API found too large goes once more, downscaled, if max_side
-    allows. `on_attempt` runs before every request, `on_unsent` after one that never connected;
-    raises AuthError."""
+    allows. `on_attempt` runs before every request, `on_unsent` after one that never connected,
+    `on_lost` after one that may have been billed and lost its answer; `may_send` may withhold
+    a request (a spending limit, the time window). Raises AuthError."""
     outcomes = client.submit_batch([r.record for r in batch], on_attempt=on_attempt,
-                                   on_unsent=on_unsent)
+                                   on_unsent=on_unsent, on_lost=on_lost, may_send=may_send)
     if job.images.max_side <= 0 or not any(o.too_large for o in outcomes):
         return outcomes
     by_key = {r.item.key: r for r in batch}
@@ -59,7 +62,8 @@ def submit_prepared(job: Job, client: ApiClient, batch: Sequence[Ready],
     if not again:
         return outcomes
     second = {o.id: o for o in client.submit_batch(again, on_attempt=on_attempt,
-                                                   on_unsent=on_unsent)}
+                                                   on_unsent=on_unsent, on_lost=on_lost,
+                                                   may_send=may_send)}
     return [second.get(o.id, o) for o in outcomes]
 
 
@@ -80,7 +84,8 @@ class Run:
         self.options = options
         self.stop = stop
         self.progress = progress
-        self.budget = options.budget if options.budget is not None else job.credits.budget
+        budget = options.budget if options.budget is not None else job.credits.budget
+        self.budget = None if budget == NO_LIMIT else budget
         self.summary = Summary(job=job.name, budget=self.budget)
         self.request_sig = job.request_signature()
         self.prep_sig = prep_signature(job)
@@ -89,8 +94,9 @@ class Run:
         self._lock = threading.Lock()  # summary counters, reservations, in-run duplicates
         self._hash_lock = threading.Lock()  # waiting followers vs. their leader's commit
         self.waiting: dict[str, list[Item]] = {}  # content hash in a batch or in flight -> copies
-        self.reserved = 0
-        self.spent = 0
+        self.limits = Limits(job, options, store, lambda: self.client.account_details(),
+                             job.credits.per_image)
+        self._lost: dict[int, set[int]] = {}  # batch -> its requests whose answer was lost
         self.batch_no = 0
         self.run_id = 0
         self.auth_error: AuthError | None = None
@@ -161,12 +167,12 @@ class Run:
                                            endpoint=self.job.api.endpoint, budget=self.budget)
         s.run_id = self.run_id
         self.report()  # the caller learns the run's id at once (a second Ctrl-C records it)
-        self.spent = self.store.spent(self.job.name)
         stopped_by: str | None = None
         listing_complete = False
         try:
             s.account_before = _credits_counter(self.client.account_details())
             self.store.set_account_before(self.run_id, s.account_before)
+            self.limits.start(self.run_id)
             check_sources(self.job.source)
             stopped_by, listing_complete = drive(self)
         except AuthError as exc:
@@ -196,8 +202,11 @@ class Run:
             elif stopped_by == "unavailable":
                 s.status, s.exit_code = "api_unavailable", ExitCode.UNAVAILABLE
                 s.message = self._unavailable_message(s.pending, failed)
-            elif stopped_by in ("budget", "limit") and s.pending:
+            elif stopped_by == DURATION or (stopped_by in (*MONEY, "limit") and s.pending):
                 s.status, s.exit_code = f"stopped_by_{stopped_by}", ExitCode.STOPPED
+                if stopped_by != "limit":
+                    s.stopped_by = stopped_by
+                    s.message = stop_message(stopped_by, self.limits.left())
             elif s.unavailable and s.pending:
                 # The service failed some batches to the end of their retries: nothing of theirs
                 # is marked failed, and the next plain run sends them.
@@ -216,6 +225,7 @@ class Run:
             s.account_gap = s.account_after - s.account_before - s.credits
             if s.account_gap:
                 log.warning("%s", self._gap_message())
+        s.limits = self.limits.left()
         self.store.finish_run(self.run_id, status=s.status, exit_code=s.exit_code,
                               account_after=s.account_after, account_gap=s.account_gap)
         self.report()
@@ -230,6 +240,12 @@ class Run:
             return "interrupted"
         if stopped_by is None and self.client.breaker.is_open():
             return "unavailable"
+        if stopped_by == "budget":  # an executor's word for "a limit allows no batch"
+            return self.limits.short or self.limits.stopped or "budget"
+        if stopped_by is None and self.limits.stopped is not None:
+            return self.limits.stopped  # a request after a lost answer would pass a limit
+        if stopped_by is None and self.limits.expired():
+            return DURATION
         return stopped_by
 
     def wind_up(self, listing: Iterator[Listed], stopped_by: str | None, limited: bool,
@@ -237,9 +253,13 @@ class Run:
         """After the last batch: (why the run stopped early or None, whether it saw everything)."""
         if stopped_by == "auth":
             raise self.auth_error  # type: ignore[misc]
+        if stopped_by == "budget":
+            stopped_by = self.stop_reason(stopped_by)
+        elif stopped_by is None and self.limits.stopped is not None:
+            stopped_by = self.limits.stopped  # the last batches' resends were withheld
         if stopped_by is None and limited and next(listing, None) is not None:
             stopped_by = "limit"
-        if stopped_by in ("budget", "limit"):
+        if stopped_by in (*MONEY, "limit"):
             # Record the rest of the listing as pending, so that status and the next plan are true.
             for _ in listing:
                 pass
@@ -251,13 +271,23 @@ class Run:
         return self.batch_no
 
     def affordable(self, n: int) -> int:
-        """How many of n images the budget allows now; reserves their credits."""
+        """How many of n images every spending limit allows now (limits.py); reserves their
+        credits. None once the time window ended."""
+        if self.limits.expired():
+            return 0
+        return self.limits.affordable(n)
+
+    def may_send(self, batch_no: int) -> str | None:
+        """Before each request of a batch: None, or the limit it would pass (then it is not
+        sent, and its images stay pending)."""
+        return self.limits.may_resend()
+
+    def lost_answer(self, batch_no: int, attempt: int, ids: Sequence[str]) -> None:
+        """A request that may have been billed lost its answer: it counts against every limit
+        for good, and its attempts row stays open."""
+        self.limits.lose(len(ids))
         with self._lock:
-            if self.budget > 0 and self.per_image > 0:
-                room = self.budget - self.spent - self.reserved
-                n = max(0, min(n, room // self.per_image))
-            self.reserved += n * self.per_image
-        return n
+            self._lost.setdefault(batch_no, set()).add(attempt)
 
     def route(self, results: list[Ready | Refused], batch: list[Ready]) -> None:
         s = self.summary
@@ -322,8 +352,12 @@ class Run:
             self.forget_attempt(batch_no, requests)  # always the last one: a batch is sequential
             requests -= 1
 
+        def on_lost(ids: Any, attempt: int) -> None:
+            self.lost_answer(batch_no, requests, ids)
+
         try:
-            outcomes = submit_prepared(self.job, self.client, batch, on_attempt, on_unsent)
+            outcomes = submit_prepared(self.job, self.client, batch, on_attempt, on_unsent,
+                                       on_lost, lambda ids, attempt: self.may_send(batch_no))
         except AuthError:
             self.unreserve(len(batch))
             raise
@@ -355,8 +389,7 @@ class Run:
             self.summary.requests -= 1
 
     def unreserve(self, n: int) -> None:
-        with self._lock:
-            self.reserved -= n * self.per_image
+        self.limits.unreserve(n * self.per_image)
 
     def record_answers(self, batch_no: int, batch: Sequence[Ready],
                         outcomes: Sequence[RecordOutcome]) -> int:
@@ -378,17 +411,18 @@ class Run:
                 if r.content_hash is not None and self.reuse and o.final:
                     followers = tuple(self.waiting.get(r.content_hash, ()))
                 answers.append(BatchAnswer(r.item, o, r.content_hash, followers))
+        with self._lock:
+            lost = self._lost.pop(batch_no, set())
         credits = self.store.record_batch(job.name, self.run_id, batch_no, answers,
                                           request_sig=self.request_sig, prep_sig=self.prep_sig,
-                                          per_image=self.per_image)
+                                          per_image=self.per_image, keep_open=lost)
+        self.limits.settle(reserved, credits)
         late_reused, late_failed = self._release_waiting(answers)
         self.store.mark_reused(job.name, late_reused, request_sig=self.request_sig,
                                prep_sig=self.prep_sig, run_id=self.run_id,
                                per_image=self.per_image)
         self.store.mark_failed(job.name, late_failed, run_id=self.run_id)
         with self._lock:
-            self.reserved -= reserved
-            self.spent += credits
             s = self.summary
             s.credits += credits
             for a in answers:

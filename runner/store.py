@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -392,9 +392,11 @@ class Store:
         self.db.write_waited("forget_attempt", forget)
 
     def record_batch(self, job: str, run_id: int, batch: int, answers: Sequence[BatchAnswer], *,
-                     request_sig: str, prep_sig: str, per_image: int) -> int:
+                     request_sig: str, prep_sig: str, per_image: int,
+                     keep_open: Collection[int] = ()) -> int:
         """One transaction per answered batch (or one for several answered together): outcomes,
-        credits, followers; returns the batch's credits."""
+        credits, followers; returns the batch's credits. The attempts rows numbered in
+        `keep_open` (requests that may have been billed and lost their answer) stay open."""
         now = utcnow()
         credits = 0
         done = failed = sent = reused = 0
@@ -448,8 +450,10 @@ class Store:
             if rows_reason:
                 c.executemany("UPDATE items SET reason = ?, updated_at = ? WHERE job = ? AND key = ?",
                               rows_reason)
+            lost = sorted(keep_open)
             c.execute("UPDATE attempts SET closed_at = ? WHERE run_id = ? AND batch = ? "
-                      "AND closed_at IS NULL", (now, run_id, batch))
+                      f"AND closed_at IS NULL AND attempt NOT IN ({','.join('?' * len(lost))})",
+                      (now, run_id, batch, *lost))
             self._counts.add(run_id, sent=sent, done=done, failed=failed, reused=reused,
                             credits=credits, credits_saved=reused * per_image)
 

@@ -20,7 +20,9 @@ from runner.classify import (
 @dataclass(frozen=True)
 class RunOptions:
     limit: int | None = None  # stop after this many images were taken up
-    budget: int | None = None  # overrides the job's [credits] budget
+    budget: int | None = None  # overrides the job's [credits] budget; -1 (limits.NO_LIMIT): none
+    max_credits: int | None = None  # overrides [credits] per_run
+    max_duration: float | None = None  # seconds; overrides [run] max_duration
 
 
 @dataclass
@@ -52,7 +54,9 @@ class Summary:
     pending: int = 0
     unavailable: int = 0  # images left pending because the service failed (not their records)
     missing: int = 0
-    budget: int = 0
+    budget: int | None = None  # None: no budget
+    stopped_by: str | None = None  # the limit that stopped the run (limits.REASONS)
+    limits: dict[str, Any] = field(default_factory=dict)  # each limit and what is left of it
     account_before: int | None = None
     account_after: int | None = None
     # account_after - account_before - credits: what the account paid beyond what was recorded

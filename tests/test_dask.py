@@ -210,3 +210,35 @@ def test_an_outage_on_the_cluster_leaves_images_pending_with_no_send_and_exits_6
     assert all(r["sends"] == 0 for r in rows(job).values())
     with sqlite3.connect(tmp_path / "state" / "down.db") as db:
         assert db.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
+
+
+@pytest.mark.slow
+def test_every_limit_holds_on_the_cluster_with_lost_answers(tmp_path, cluster):
+    """One coordinator decides: with 30 % of the answers lost after billing, the credits the API
+    took stay within the run's limit, and the day's allowance is shared with the next run."""
+    folder = images(tmp_path / "imgs", 60)
+    with Sandbox(SandboxSettings(token=TOKEN, pdrop=0.3, seed=5)) as sb:
+        job = write_job(tmp_path, sb, f"{folder}/", name="l", api=dict(API, max_retries=8),
+                        credits={"per_day": 300, "timezone": "Asia/Tokyo"})
+        s = run_json(job, "--dask", cluster.scheduler.address, "--max-credits", "200",
+                     exit_code=3)
+        assert s["status"] == "stopped_by_per_run"
+        assert sum(e.billed for e in sb.ledger()) * 10 <= 200
+        assert any(not e.answered for e in sb.ledger())  # answers were lost
+        s = run_json(job, "--dask", cluster.scheduler.address, exit_code=3)
+        assert s["status"] == "stopped_by_per_day"
+        assert sum(e.billed for e in sb.ledger()) * 10 <= 300
+
+
+@pytest.mark.slow
+def test_max_duration_on_the_cluster(tmp_path, cluster):
+    folder = images(tmp_path / "imgs", 60)
+    with Sandbox(SandboxSettings(token=TOKEN, latency_ms=500)) as sb:
+        job = write_job(tmp_path, sb, f"{folder}/", name="d", api={"batch_size": 1,
+                                                                  "concurrency": 2})
+        s = run_json(job, "--dask", cluster.scheduler.address, "--max-duration", "3s",
+                     exit_code=3)
+        assert s["status"] == "stopped_by_duration"
+        assert s["elapsed_s"] <= 3 + 0.5 + 1.0, s["elapsed_s"]
+        done = {k for k, r in rows(job).items() if r["state"] == "done"}
+        assert 0 < len(done) < 60 and {e.record_id for e in sb.ledger()} == done

@@ -23,7 +23,7 @@ def test_minimal_job_gets_documented_defaults():
     assert job.api.batch_size == 10 and job.api.concurrency == 4
     assert job.api.timeout_s == 60 and job.api.max_retries == 5
     assert job.images.max_side == 0 and job.images.send == "base64"
-    assert job.credits.per_image == 10 and job.credits.budget == 0 and job.credits.reuse
+    assert job.credits.per_image == 10 and job.credits.budget is None and job.credits.reuse
     assert job.executor.kind == "local"
     assert job.db_path == Path("/jobs/state/j.db")
 

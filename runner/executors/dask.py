@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,7 @@ from typing import Any, cast
 from runner.client import ApiClient
 from runner.errors import AuthError, JobError
 from runner.job import ExecutorConfig, Job
+from runner.limits import DURATION
 from runner.prepare import prepare_items
 from runner.records import Item, Ready, RecordOutcome, Refused
 from runner.run import Run, submit_prepared
@@ -41,6 +43,7 @@ WORKERS_TIMEOUT_S = 60
 # Tasks that finish work already taken up run before new preparation.
 PRIORITY_SEND, PRIORITY_DESCRIBE = 2, 1
 
+RESEND = "a lost answer: the coordinator affords the resend"
 Prepared = dict[str, Ready | Refused]  # a chunk's preparation, by key: it stays on its worker
 
 
@@ -55,6 +58,10 @@ class WorkerJob:
     endpoint_url: str
     concurrency: int
     run_key: str
+    # Spending limits are the coordinator's (Run.affordable): with any of them, a request after
+    # a lost answer is not resent here but handed back, to be afforded again.
+    guarded: bool = False
+    deadline: float | None = None  # time.time() after which no request is started (max_duration)
 
     def __repr__(self) -> str:  # Dask prints a failed task's arguments: keep it short, no token
         return f"WorkerJob({self.job.name!r}, {self.endpoint_url!r})"
@@ -66,6 +73,7 @@ class Sent:
 
     outcomes: list[RecordOutcome]
     requests: list[tuple[list[str], bool]]  # each request's ids, and whether it connected
+    lost: tuple[int, ...] = ()  # indexes in `requests` of those whose answer was lost
 
 
 _clients: dict[str, ApiClient] = {}  # per worker process: pooled connections and one AIMD limit
@@ -110,12 +118,23 @@ def send_batch(w: WorkerJob, keys: Sequence[str], *parts: Prepared) -> Sent:
     batch = [cast(Ready, found[k]) for k in keys]  # the coordinator sends only Ready images
     requests: list[tuple[list[str], bool]] = []
 
+    lost: list[int] = []
+
     def unsent(ids: Sequence[str], attempt: int) -> None:
         requests[-1] = (requests[-1][0], False)
 
+    def on_lost(ids: Sequence[str], attempt: int) -> None:
+        lost.append(len(requests) - 1)
+
+    def may_send(ids: Sequence[str], attempt: int) -> str | None:
+        if w.deadline is not None and time.time() >= w.deadline:
+            return DURATION
+        return RESEND if w.guarded and lost else None
+
     outcomes = submit_prepared(w.job, _worker_client(w), batch,
-                               lambda ids, attempt: requests.append((list(ids), True)), unsent)
-    return Sent(outcomes, requests)
+                               lambda ids, attempt: requests.append((list(ids), True)), unsent,
+                               on_lost, may_send)
+    return Sent(outcomes, requests, tuple(lost))
 
 
 # --- the cluster -------------------------------------------------------------------------------
@@ -172,10 +191,12 @@ class DaskExecutor:
             workers = len(dask.nthreads())
             # Each worker's client caps its own requests, so the cluster stays at `concurrency`.
             w = WorkerJob(job, run.client.endpoint_url, max(1, job.api.concurrency // workers),
-                          uuid.uuid4().hex)
+                          uuid.uuid4().hex, guarded=run.limits.active)
             log.info("running on %d Dask worker(s), %d request(s) in flight each",
                      workers, w.concurrency)
-            return run.execute(lambda r: _Coordinator(r, dask, w).drive())
+            # The time window starts with the run (Limits.start): the workers learn it then.
+            return run.execute(lambda r: _Coordinator(
+                r, dask, replace(w, deadline=r.limits.wall_deadline)).drive())
 
 
 class _Coordinator:
@@ -207,7 +228,7 @@ class _Coordinator:
         describing: dict[distributed.Future, tuple[distributed.Future, list[Item]]] = {}
         batches: deque[_DaskBatch] = deque()
         leftovers: list[tuple[distributed.Future, Ready]] = []  # a chunk's last partial batch
-        sending: dict[distributed.Future, tuple[int, list[Ready]]] = {}
+        sending: dict[distributed.Future, tuple[int, list[Ready], tuple[Any, ...]]] = {}
 
         def queued() -> int:
             return (len(describing) * chunk_size + len(leftovers)
@@ -263,7 +284,7 @@ class _Coordinator:
 
     def _take_finished(self, finished: distributed.as_completed,
                 describing: dict[distributed.Future, tuple[distributed.Future, list[Item]]],
-                sending: dict[distributed.Future, tuple[int, list[Ready]]],
+                sending: dict[distributed.Future, tuple[int, list[Ready], tuple[Any, ...]]],
                 batches: deque[_DaskBatch], leftovers: list[tuple[distributed.Future, Ready]], *,
                 route: bool) -> None:
         """Wait a little for finished tasks, then take in every one that has finished."""
@@ -275,7 +296,10 @@ class _Coordinator:
             if f.status == "error":
                 described = f.exception()  # AuthError, KilledWorker, ...
             if f in sending:
-                self._take_answers(described, *sending.pop(f))
+                batch_no, readies, parts = sending.pop(f)
+                again = self._take_answers(described, batch_no, readies)
+                if again:  # a lost answer's resend, to be afforded again like a new batch
+                    batches.appendleft(_DaskBatch(again, parts))
             elif f in describing:
                 prepared, items = describing.pop(f)
                 if isinstance(described, BaseException):  # its workers died over and over
@@ -305,7 +329,7 @@ class _Coordinator:
         return _DaskBatch([r for _, r in members], parts)
 
     def _dispatch(self, readies: list[Ready], parts: tuple[Any, ...],
-                  sending: dict[distributed.Future, tuple[int, list[Ready]]],
+                  sending: dict[distributed.Future, tuple[int, list[Ready], tuple[Any, ...]]],
                   finished: distributed.as_completed) -> None:
         batch_no = self.run.next_batch()
         keys = [r.item.key for r in readies]
@@ -314,14 +338,15 @@ class _Coordinator:
         f = self.dask.submit(send_batch, self.worker_job, keys, *parts, pure=False,
                              priority=PRIORITY_SEND)
         finished.add(f)
-        sending[f] = (batch_no, readies)
+        sending[f] = (batch_no, readies, parts)
 
     def _take_answers(self, sent: Sent | BaseException, batch_no: int,
-                      readies: list[Ready]) -> None:
+                      readies: list[Ready]) -> list[Ready]:
+        """Record a batch that came back; returns its images to send again (a lost answer)."""
         if isinstance(sent, AuthError):
             self.run.unreserve(len(readies))
             self.run.refuse_token(sent)
-            return
+            return []
         if isinstance(sent, BaseException):  # its workers died over and over (KilledWorker)
             log.error("batch %d: no answer from the cluster: %s", batch_no, sent)
             why = f"worker lost while sending (may have been billed): {sent}"
@@ -336,9 +361,15 @@ class _Coordinator:
         # One that never connected, or never left (a stop, the worker's breaker), is no request.
         if not sent.requests or not sent.requests[0][1]:
             self.run.forget_attempt(batch_no, 1)
+        numbers = [1] if sent.requests and sent.requests[0][1] else [0]
         attempt = 1
         for ids, connected in sent.requests[1:]:
             if connected:
                 attempt += 1
                 self.run.record_attempt(batch_no, attempt, ids)
+            numbers.append(attempt if connected else 0)
+        for i in sent.lost:
+            self.run.lost_answer(batch_no, numbers[i], sent.requests[i][0])
         self.run.record_answers(batch_no, readies, sent.outcomes)
+        resend = {o.id for o in sent.outcomes if not o.final and o.reason == f"not sent: {RESEND}"}
+        return [r for r in readies if r.item.key in resend]
