@@ -46,6 +46,9 @@ METRICS: tuple[tuple[str, str, str], ...] = (
      "Images in requests of ended runs that may have been billed without an answer recorded."),
     ("ximrun_account_credits_counter", "gauge",
      "The account's credits_counter after the last run, when the API reports it."),
+    ("ximrun_account_credits_remaining", "gauge",
+     "The account's credits_limit minus credits_counter after the last run, when the API "
+     "reports both."),
 )
 
 
@@ -80,6 +83,9 @@ def metric_values(job: str, *, started: float, ended: float, exit_code: int,
     account = getattr(summary, "account_after", None) if summary is not None else None
     if account is not None:
         out.append(("ximrun_account_credits_counter", base, account))
+        limit = getattr(summary, "account_limit", None)
+        if limit is not None:
+            out.append(("ximrun_account_credits_remaining", base, limit - account))
     return out
 
 

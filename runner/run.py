@@ -190,7 +190,9 @@ class Run:
         else:
             if stopped_by != "unavailable":  # a dead service would only make the run wait
                 with contextlib.suppress(AuthError):
-                    s.account_after = _credits_counter(self.client.account_details())
+                    details = self.client.account_details()
+                    s.account_after = _credits_counter(details)
+                    s.account_limit = _credits_counter(details, "credits_limit")
             if listing_complete:
                 src = self.job.source
                 self.store.mark_missing(self.job.name, self.run_id,
@@ -507,8 +509,8 @@ class Run:
         return text
 
 
-def _credits_counter(details: dict[str, Any] | None) -> int | None:
+def _credits_counter(details: dict[str, Any] | None, key: str = "credits_counter") -> int | None:
     if not details:
         return None
-    value = details.get("credits_counter")
+    value = details.get(key)
     return int(value) if isinstance(value, int | float) else None

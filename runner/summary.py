@@ -59,6 +59,7 @@ class Summary:
     limits: dict[str, Any] = field(default_factory=dict)  # each limit and what is left of it
     account_before: int | None = None
     account_after: int | None = None
+    account_limit: int | None = None  # the account's credits_limit at the end, if the API gives it
     # account_after - account_before - credits: what the account paid beyond what was recorded
     account_gap: int | None = None
     elapsed_s: float = 0.0

@@ -66,6 +66,8 @@ def test_a_run_writes_every_metric_in_the_textfile_format(tmp_path, sandbox):
     assert one(v, "ximrun_credits_recorded_total") == 50
     assert one(v, "ximrun_images_possibly_billed_without_answer") == 0
     assert ("ximrun_account_credits_counter", (("job", "t"),)) in v
+    assert one(v, "ximrun_account_credits_remaining") == (
+        sandbox.settings.credits - one(v, "ximrun_account_credits_counter"))
     # Only the file itself in the folder: the temporary file was renamed over it.
     assert [p.name for p in prom.parent.iterdir()] == ["ximrun.prom"]
 
