@@ -1,6 +1,6 @@
 """The one exception family of ximrun, and the exit codes the command line maps it to.
 
-Library functions raise these and never exit the process; only `cli.py` turns them into messages
+Library functions raise these and never exit the process; only `cli/` turns them into messages
 and `ExitCode`s (docs/contract.md, "Exit codes of run").
 """
 

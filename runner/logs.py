@@ -1,7 +1,7 @@
 """Where the `ximrun` logger's lines go for operators: `--log-file PATH` and `--log-format
 text|json`.
 
-The command line installs its stderr handler first (runner/cli.py); `configure` then adds the
+The command line installs its stderr handler first (runner/cli/common.py); `configure` then adds the
 log file (with at least the info lines, even under `-q`) or, without a file, switches stderr to
 the chosen format. JSON lines carry `time`, `level`, `logger`, `message` and every structured
 field a call passed in `extra=` (the progress line's counts, the run's summary, ...).

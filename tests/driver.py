@@ -327,3 +327,13 @@ def db_count(db: Path, sql: str) -> int:
             conn.close()
     except sqlite3.OperationalError:  # the schema is not there yet
         return 0
+
+
+def attempts_per_key(db: Path) -> Counter[str]:
+    """How many `attempts` rows (HTTP requests) named each key."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return Counter(k for (keys,) in conn.execute("SELECT keys FROM attempts")
+                       for k in json.loads(keys))
+    finally:
+        conn.close()

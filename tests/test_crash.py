@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import pytest
 from driver import (
     CHILD_API,
     TOKEN,
+    attempts_per_key,
     export_rows,
     integrity,
     make_images,
@@ -42,15 +42,6 @@ pytestmark = pytest.mark.slow  # dozens of subprocesses, each killed with SIGKIL
 
 SEED = int(os.environ.get("XIMRUN_CRASH_SEED", "20260518"))
 PER_IMAGE = 10
-
-
-def attempts_per_key(db: Path) -> Counter[str]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return Counter(k for (keys,) in conn.execute("SELECT keys FROM attempts")
-                       for k in json.loads(keys))
-    finally:
-        conn.close()
 
 
 # --- the kill -9 test ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 from driver import (
     CHILD_API,
     TOKEN,
+    attempts_per_key,
     export_rows,
     invoke,
     make_images,
@@ -28,15 +29,6 @@ from driver import (
 
 from runner.job import SandboxSettings
 from runner.sandbox import Sandbox
-
-
-def attempts_per_key(db: Path) -> Counter[str]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return Counter(k for (keys,) in conn.execute("SELECT keys FROM attempts")
-                       for k in json.loads(keys))
-    finally:
-        conn.close()
 
 
 def open_attempts(db: Path) -> int:
@@ -176,29 +168,6 @@ def test_a_stop_signal_records_the_listing_it_prints(tmp_path):
         assert 0 < summary["done"] < summary["listed"] < 900
         assert summary["pending"] == summary["listed"] - summary["done"]
         assert_same_numbers(job, db, summary)
-
-
-@pytest.mark.slow
-def test_a_second_sigint_is_recorded_as_aborted_with_exit_130(tmp_path):
-    make_images(tmp_path / "imgs", 8)
-    with Sandbox(SandboxSettings(token=TOKEN, latency_ms=8000)) as sb:
-        job = write_job(tmp_path, sb, tmp_path / "imgs",
-                        api=dict(CHILD_API, batch_size=2, concurrency=2))
-        db = tmp_path / "state" / "t.db"
-        child = start(tmp_path, "run", str(job))
-        wait_for(lambda: open_attempts(db) >= 2, "requests in flight", child)
-        child.proc.send_signal(signal.SIGINT)
-        wait_for(lambda: "SIGINT received" in child.stderr, "the first SIGINT", child)
-        child.proc.send_signal(signal.SIGINT)
-        assert child.wait(timeout=20) == 130, child.output()
-        last = status_json(job)["runs"][0]
-        assert (last["status"], last["exit_code"]) == ("aborted", 130)
-        assert last["finished_at"] is not None
-        assert last["requests"] == 2
-        # The next run leaves it as it is (only rows still `running` become `crashed`).
-        res = invoke("run", str(job), "--json")
-        assert res.exit_code == 0, res.output
-        assert status_json(job)["runs"][1]["status"] == "aborted"
 
 
 # --- the account's counter against the credits recorded -----------------------------------------

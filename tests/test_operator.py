@@ -82,10 +82,10 @@ class _Tty(io.StringIO):
 
 
 def test_the_bar_has_no_total_until_the_listing_ends(monkeypatch):
-    from runner import cli
+    from runner.cli import progress as cli
 
     monkeypatch.setattr(cli.sys, "stderr", _Tty())
-    progress = cli._Progress(enabled=True)
+    progress = cli.Progress(enabled=True)
     s = Summary(job="j")
     for listed in (100, 200, 400):  # the listing streams: a total would grow, 90 % -> 80 %
         s.listed = s.new = listed

@@ -138,6 +138,12 @@ def test_a_second_sigint_leaves_at_once(tmp_path):
         # 130, not 4: it did not wait the 8 s for the answers in flight.
         assert child.wait(timeout=20) == 130, child.output()
         assert integrity(db, tmp_path / "check") == "ok"
+        # recorded as aborted, not crashed; the next run finishes the job
+        last = status_json(job)["runs"][0]
+        assert (last["status"], last["exit_code"]) == ("aborted", 130)
+        res = invoke("run", str(job))
+        assert res.exit_code == 0, res.output
+        assert len(sb.ledger()) == 6
         named = {k for u in status_json(job)["possibly_billed_without_answer"] for k in u["keys"]}
         assert len(named) == 4
         assert all(r["state"] == "pending" for r in export_rows(job).values())
