@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     STOPPED = 3  # stopped early by the budget or --limit; the next run continues
     INTERRUPTED = 4  # SIGINT/SIGTERM after a clean checkpoint; the next run continues
     AUTH = 5  # the API refused the token; nothing more was sent
+    DATABASE = 74  # the state database cannot be used (newer ximrun, not a database); untouched
     LOCKED = 75  # another run of the same state database is in progress
     ABORTED = 130  # a second Ctrl-C, or a signal while a command other than run started
 
@@ -56,6 +57,13 @@ class StateError(RunnerError):
     """The state database is not there (nothing has run yet) or cannot be used."""
 
     exit_code = ExitCode.FAILURES
+
+
+class DatabaseError(StateError):
+    """The state database cannot be used: written by a newer ximrun, not a database, or in need
+    of an upgrade that a read-only command may not make. It was not changed."""
+
+    exit_code = ExitCode.DATABASE
 
 
 class ReadError(RunnerError):

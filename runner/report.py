@@ -26,8 +26,10 @@ def _require_db(job: Job) -> None:
 
 
 def _open(job: Job) -> Store:
+    """Read-only, never migrated: a database an earlier ximrun wrote is refused (DatabaseError,
+    exit 74) with the advice to let `ximrun run` upgrade it; one a newer ximrun wrote, too."""
     _require_db(job)
-    return open_readonly(job.db_path)
+    return open_readonly(job.db_path, current=True)
 
 
 def shown_path(path: Path) -> str:
@@ -78,7 +80,7 @@ def status_report(job: Job) -> dict[str, Any]:
 def export_rows(job: Job, state: str | None = None) -> Iterator[dict[str, Any]]:
     """One dict per image (EXPORT_FIELDS), in key order, streamed; `state` filters. Raises
     StateError when nothing has run yet."""
-    _require_db(job)
+    _open(job).close()  # refuses a database that is missing, older or newer
     for row in stored_rows(job.db_path, job.name, state):
         yield {k: row[k] for k in EXPORT_FIELDS}
 

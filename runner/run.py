@@ -23,7 +23,7 @@ from runner.job import Job
 from runner.prepare import prep_signature, prepare_smaller
 from runner.records import FAILED, PENDING, Item, Ready, RecordOutcome, Refused
 from runner.sources import check_sources, iter_chunks, list_items
-from runner.store import BatchAnswer, Store, compact_json
+from runner.store import BatchAnswer, Store, reused_record
 from runner.summary import KIND_COUNTERS, ProgressFn, RunOptions, Summary
 
 # Listed items are classified against the database a chunk at a time (one transaction each).
@@ -244,8 +244,9 @@ class Run:
                     if copies is not None:
                         copies.append(r.item)
                     elif h in known:
-                        _, src, result = known[h]
-                        reused.append((r.item, h, src, result))
+                        found = known[h]
+                        reused.append((r.item, h, found.key,
+                                       reused_record(found.result, r.item, found.extra)))
                     else:
                         self.waiting[h] = []
                         batch.append(r)
@@ -374,8 +375,9 @@ class Run:
                 late = copies[len(a.followers):]
                 o = a.outcome
                 if o.ok and late:
-                    result = compact_json(o.record)
-                    late_reused += [(it, h, a.item.key, result) for it in late]
+                    late_reused += [(it, h, a.item.key,
+                                     reused_record(o.record or {}, it, a.item.extra))
+                                    for it in late]
                 else:
                     late_failed += [(it, f"same bytes as {a.item.key}: {o.reason}")
                                     for it in late]
