@@ -156,7 +156,7 @@ def _print_summary(s: Any, as_json: bool) -> None:
     if s.missing:
         out.append(f"  missing {s.missing}: known images no longer listed by the sources")
     if s.skipped_rows:
-        out.append(f"  skipped {s.skipped_rows} manifest row(s); see the log above")
+        out.append(f"  manifest rows skipped: {s.skipped_rows}, first at {s.skipped_first}")
     if s.message:
         out.append(f"  {s.message}")
     click.echo("\n".join(out))
@@ -289,6 +289,10 @@ def status(job_file: str, as_json: bool) -> None:
         credit_line += (f"; last run: recorded {c['last_run_recorded']}, account counter "
                         f"moved {c['last_run_account_difference']}")
     lines.append(credit_line)
+    skipped = r["manifest_rows_skipped"]
+    if skipped["count"]:
+        lines.append(f"  manifest rows skipped by the last run: {skipped['count']}, first at "
+                     f"{skipped['first']} (they have no row)")
     rs = r["resends"]
     if rs["images_sent_more_than_once"]:
         lines.append(f"  sent more than once: {rs['images_sent_more_than_once']} image(s), "

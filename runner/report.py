@@ -71,8 +71,12 @@ def status_report(job: Job) -> dict[str, Any]:
         "resends": resends,
         "runs": [{k: r[k] for k in ("id", "started_at", "finished_at", "status", "exit_code",
                                     "listed", "sent", "done", "failed", "rejected", "reused",
-                                    "requests", "credits", "account_before", "account_after")}
+                                    "requests", "credits", "account_before", "account_after",
+                                    "skipped_rows", "skipped_first")}
                  for r in runs],
+        # The last run's manifest rows that could not become an image (they have no row).
+        "manifest_rows_skipped": {"count": last["skipped_rows"] or 0 if last else 0,
+                                  "first": last["skipped_first"] if last else None},
     }
     return report
 

@@ -95,7 +95,7 @@ class Run:
         """The images to act on, as the listing streams; every chunk is recorded as listed (and
         counted) first."""
         def skipped(why: str) -> None:  # sources.py has logged the row and why
-            self.summary.skipped_rows += 1
+            self.summary.skipped(why, self.job.source.manifest)
 
         # Chunks are classified (by the store's writer) while the next ones are listed.
         queued: deque[Callable[[], Classified]] = deque()
@@ -179,7 +179,8 @@ class Run:
                 s.status, s.exit_code = "finished", ExitCode.OK
         s.missing = self.store.missing_count(self.job.name)
         self.store.finish_run(self.run_id, status=s.status, exit_code=s.exit_code,
-                              account_after=s.account_after)
+                              account_after=s.account_after, skipped_rows=s.skipped_rows,
+                              skipped_first=s.skipped_first)
         self.report()
         return s
 

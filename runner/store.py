@@ -184,11 +184,13 @@ class Store:
         return self.db.write(begin)
 
     def finish_run(self, run_id: int, *, status: str, exit_code: int,
-                   account_after: int | None = None) -> None:
+                   account_after: int | None = None, skipped_rows: int = 0,
+                   skipped_first: str | None = None) -> None:
         self.db.write(lambda c: c.execute(
             "UPDATE runs SET finished_at = ?, status = ?, exit_code = ?, "
-            "account_after = coalesce(?, account_after) WHERE id = ?",
-            (utcnow(), status, exit_code, account_after, run_id)))
+            "account_after = coalesce(?, account_after), skipped_rows = ?, skipped_first = ? "
+            "WHERE id = ?",
+            (utcnow(), status, exit_code, account_after, skipped_rows, skipped_first, run_id)))
 
     def set_account_before(self, run_id: int, value: int | None) -> None:
         self.db.write(lambda c: c.execute("UPDATE runs SET account_before = ? WHERE id = ?",

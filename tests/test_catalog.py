@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from driver import export_rows, jpeg, run_json, sends, write_job
+from driver import export_rows, invoke, jpeg, run_json, sends, status_json, write_job
 
 RED, GREEN, BLUE = jpeg((200, 20, 20)), jpeg((20, 200, 20)), jpeg((20, 20, 200))
 
@@ -77,3 +77,54 @@ def test_a_jsonl_catalog_keeps_typed_columns_in_reused_records(tmp_path, sandbox
     rows = export_rows(job)
     assert rows["B"]["result"]["tags"] == ["y", "z"] and rows["B"]["result"]["n"] == 2
     assert rows["B"]["result"]["_id"] == "B" and rows["B"]["reused_from"] == "A"
+
+
+def test_every_row_with_an_id_or_path_gets_a_row_and_missing_photos_fail(tmp_path, sandbox):
+    photos(tmp_path, red=RED)
+    manifest = catalog(tmp_path, [
+        "SKU-1,photos/red.jpg,Acme,10",       # 2
+        "SKU-2,photos/gone.jpg,Acme,11",      # 3: the photo is not there
+        ",photos/also-gone.jpg,NoId,1",       # 4: no id, a path that is not there
+        "SKU-4,,Acme,12",                     # 5: an id, no path
+        ",,nobody,0",                         # 6: neither: no row can be made
+        "SKU-6,photos,Acme,13",               # 7: a folder
+        ",,nobody,1",                         # 8: neither
+    ])
+    job = write_job(tmp_path, sandbox, manifest=manifest)
+    res = invoke("run", str(job))
+    assert res.exit_code == 1, res.output
+    assert "manifest rows skipped: 2, first at catalog.csv:6: no id and no path" in res.output
+    assert sends(sandbox) == {"SKU-1": 1}
+
+    failed = export_rows(job, "--state", "failed")
+    gone = str(tmp_path / "photos" / "also-gone.jpg")
+    assert {k: r["reason"] for k, r in failed.items()} == {
+        "SKU-2": f"missing: {tmp_path / 'photos' / 'gone.jpg'}",
+        gone: f"missing: {gone}",
+        "SKU-4": "missing: no path or url value",
+        "SKU-6": f"not_a_file: {tmp_path / 'photos'}",
+    }
+    st = status_json(job)
+    assert st["states"]["failed"] == 4 and st["states"]["done"] == 1
+    assert st["manifest_rows_skipped"] == {
+        "count": 2, "first": "catalog.csv:6: no id and no path or url value"}
+    assert "manifest rows skipped by the last run: 2" in invoke("status", str(job)).output
+
+    # Nothing changed: the failures are kept (exit 1 again), nothing is sent.
+    again = run_json(job, exit_code=1)
+    assert again["kept_failed"] == 4 and again["sent"] == 0
+    # The photo arrives: only it is sent.
+    (tmp_path / "photos" / "gone.jpg").write_bytes(GREEN)
+    third = run_json(job, exit_code=1)
+    assert third["changed"] == 1 and third["sent"] == 1
+    assert export_rows(job)["SKU-2"]["state"] == "done"
+
+
+def test_a_done_photo_that_disappears_keeps_its_answer(tmp_path, sandbox):
+    photos(tmp_path, red=RED)
+    job = write_job(tmp_path, sandbox, manifest=catalog(tmp_path, ["SKU-1,photos/red.jpg,A,1"]))
+    run_json(job)
+    (tmp_path / "photos" / "red.jpg").unlink()
+    s = run_json(job)
+    assert s["unchanged"] == 1 and s["sent"] == 0
+    assert export_rows(job)["SKU-1"]["state"] == "done"
