@@ -16,6 +16,7 @@ from types import ModuleType
 
 from bench import (
     bench_dask,
+    bench_export,
     bench_listing,
     bench_memory,
     bench_pipeline,
@@ -33,6 +34,7 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str]]] = {
     "memory": (bench_memory, ["--images", "30000"], ["--images", "100000"]),
     "listing": (bench_listing, ["--keys", "20000"], ["--keys", "100000"]),
     "dask": (bench_dask, ["--images", "1000"], ["--images", "3000"]),
+    "export": (bench_export, ["--rows", "100000"], ["--rows", "1000000"]),
 }
 
 

@@ -66,6 +66,10 @@ class DatabaseError(StateError):
     exit_code = ExitCode.DATABASE
 
 
+class ExportError(RunnerError):
+    """`ximrun export` cannot write where it was asked (a missing folder, a missing extra)."""
+
+
 class ReadError(RunnerError):
     """One image's bytes could not be read (deleted since listing, access denied, ...)."""
 

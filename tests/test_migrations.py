@@ -100,6 +100,7 @@ def test_run_upgrades_a_version_1_database_and_pays_nothing_again(v1):
     out = json.loads(invoke("export", str(job), "--format", "jsonl").output.splitlines()[1])
     assert out["key"] == "SKU-2" and out["result"]["_id"] == "SKU-2"
     assert out["result"]["brand"] == "Other"  # relisted: its own manifest cells
+    assert (out["brand"], out["price"]) == ("Other", "12")  # and as export columns
 
 
 def test_status_and_export_refuse_a_version_1_database_without_changing_it(v1):
