@@ -247,7 +247,9 @@ def _plan(job_file: str, as_json: bool) -> None:
         + (f"; unreadable {s.failed}" if s.failed else "") + "\n"
         f"  credits a run would cost: {s.credits}"
         + (f" (saved by reuse: {s.credits_saved})" if s.credits_saved else "")
-        + (f"; budget {s.budget}" if s.budget else ""))
+        + (f"; budget {s.budget}" if s.budget else "")
+        + (f"\n  manifest rows skipped: {s.skipped_rows}, first at {s.skipped_first}"
+           if s.skipped_rows else ""))
 
 
 @main.command()

@@ -91,6 +91,9 @@ def test_every_row_with_an_id_or_path_gets_a_row_and_missing_photos_fail(tmp_pat
         ",,nobody,1",                         # 8: neither
     ])
     job = write_job(tmp_path, sandbox, manifest=manifest)
+    plan = invoke("plan", str(job))
+    assert "unreadable 4" in plan.output and "would send 1" in plan.output, plan.output
+    assert "manifest rows skipped: 2, first at catalog.csv:6" in plan.output
     res = invoke("run", str(job))
     assert res.exit_code == 1, res.output
     assert "manifest rows skipped: 2, first at catalog.csv:6: no id and no path" in res.output
