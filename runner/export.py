@@ -26,7 +26,7 @@ FORMATS = ("jsonl", "csv", "parquet")
 # OWASP's CSV injection advice: a cell a spreadsheet would read as a formula gets a leading
 # single quote, so it is shown as text.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-PARQUET_BATCH = 8192
+PARQUET_BATCH = 2048  # rows per row group (bench/bench_export.py: 8192 took 60 MB more)
 INT_COLUMNS = frozenset({"credits", "sends", "run"})
 BOOL_COLUMNS = frozenset({"missing"})
 
@@ -119,7 +119,10 @@ def _write_parquet(export: Export, fh: IO[bytes]) -> int:
     convert: list[Callable[[Any], Any]] = [
         (lambda v: v) if c in INT_COLUMNS or c in BOOL_COLUMNS else _text for c in columns]
     n = 0
-    with pq.ParquetWriter(fh, schema, compression="zstd") as writer:
+    # Small row groups keep the memory flat (a batch of parsed records is what costs); the
+    # records' text gets no min/max statistics, which the file's footer would hold per group.
+    with pq.ParquetWriter(fh, schema, compression="zstd",
+                          write_statistics=[c for c in columns if c != "result"]) as writer:
         for batch in _batches(export.rows, PARQUET_BATCH):
             data = [[conv(row[c]) for row in batch] for c, conv in zip(columns, convert,
                                                                        strict=True)]
