@@ -169,7 +169,8 @@ def migrate(c: sqlite3.Connection, where: str) -> list[int]:
     """Apply the steps the database lacks, in order, each in one transaction; returns the
     versions applied. `c` is in autocommit mode (isolation_level None)."""
     applied: list[int] = []
-    check_version(c, where)
+    if check_version(c, where) >= SCHEMA_VERSION:
+        return applied  # up to date: not even the write lock is taken
     for version, name, step in MIGRATIONS:
         c.execute("BEGIN IMMEDIATE")
         try:

@@ -74,6 +74,13 @@ def reused_record(record: dict[str, Any] | str, item: Item,
     return compact_json(own)
 
 
+def _listed_row(it: Item) -> tuple[Any, ...]:
+    """An item as the run's listing holds it: key, fingerprint and, for a manifest row with
+    columns, their JSON."""
+    return (it.key, it.fingerprint, extra_json(it.extra)) if it.extra else (it.key,
+                                                                              it.fingerprint)
+
+
 def extra_json(extra: Mapping[str, Any]) -> str:
     """An item's manifest columns as stored in items.extra ('{}' for none)."""
     return _listing_json(dict(extra)) if extra else "{}"
@@ -172,7 +179,8 @@ class Store:
             # file, not in memory, so a listing of millions of keys does not grow the process.
             self._listed_all = None
             c.execute("DROP TABLE IF EXISTS temp.listed")
-            c.execute("CREATE TEMP TABLE listed (key TEXT, fp TEXT)")
+            # extra: a manifest row's columns (NULL for other images), compared in the join.
+            c.execute("CREATE TEMP TABLE listed (key TEXT, fp TEXT, extra TEXT)")
             # The run lock is held: no other run of this database is alive (see `_crashed`).
             c.execute("UPDATE runs SET status = 'crashed' WHERE job = ? AND status = 'running'",
                       (job,))
@@ -246,8 +254,7 @@ class Store:
             return lambda: Classified({}, [])
         # The chunk's JSON is built here, by the caller, so that the writer holds the
         # interpreter lock as little as it can while the caller goes on listing.
-        rows = (_listing_json([(it.key, it.fingerprint) for it in items])
-                if self._json_each else None)
+        rows = (_listing_json([_listed_row(it) for it in items]) if self._json_each else None)
 
         def fn(c: sqlite3.Connection) -> Classified:
             return self._classify_listed(c, job, items, request_sig=request_sig,
@@ -266,17 +273,21 @@ class Store:
             # One statement for the chunk (its rows parsed by SQLite, the interpreter lock let go
             # once), not one step per row: the listing runs meanwhile without a lock hand-over
             # per row.
-            c.execute("INSERT INTO temp.listed (key, fp) SELECT json_extract(value, '$[0]'), "
-                      "json_extract(value, '$[1]') FROM json_each(?)", (rows,))
+            c.execute("INSERT INTO temp.listed (key, fp, extra) SELECT "
+                      "json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+                      "json_extract(value, '$[2]') FROM json_each(?)", (rows,))
         else:
-            c.executemany("INSERT INTO temp.listed (key, fp) VALUES (?, ?)",
-                          [(it.key, it.fingerprint) for it in items])
+            c.executemany("INSERT INTO temp.listed (key, fp, extra) VALUES (?, ?, ?)",
+                          [(*_listed_row(it), None)[:3] for it in items])
         cur = c.cursor()
         cur.row_factory = None
         found = cur.execute(
             "SELECT l.key, i.fingerprint, i.state, i.reason, i.request_sig, i.prep_sig "
             "FROM temp.listed l LEFT JOIN items i ON i.job = ? AND i.key = l.key "
-            "WHERE l.rowid > ? AND NOT coalesce(i.fingerprint = l.fp AND ("
+            # A manifest row whose columns changed is returned too (its photo may be unchanged):
+            # its stored columns are brought up to date below.
+            "WHERE l.rowid > ? AND NOT coalesce(i.fingerprint = l.fp "
+            "AND (l.extra IS NULL OR i.extra IS l.extra) AND ("
             "(i.state = 'done' AND i.request_sig = ?) OR "
             "(i.state = 'rejected' AND i.prep_sig IS ?)), 0)",
             (job, base, request_sig, prep_sig)).fetchall()
@@ -297,12 +308,13 @@ class Store:
             [(job, x.item.key, x.item.uri, x.item.size, x.item.fingerprint, run_id, now, now,
               extra_json(x.item.extra))
              for x in out.listed if x.kind in (NEW, CHANGED, CHANGED_REQUEST)])
-        if any(it.extra for it in items):
+        changed = [it for it in acting if it.extra]
+        if changed:
             # A manifest's columns may change without the photo changing: kept up to date for
-            # export (written only where they differ, so an unchanged catalog writes nothing).
+            # export. Only rows the join returned: an unchanged catalog writes nothing.
             c.executemany("UPDATE items SET extra = ?1 WHERE job = ?2 AND key = ?3 "
                           "AND extra IS NOT ?1",
-                          [(extra_json(it.extra), job, it.key) for it in items])
+                          [(extra_json(it.extra), job, it.key) for it in changed])
         self._counts.add(run_id, listed=len(items))
         return out
 

@@ -131,3 +131,17 @@ def test_a_done_photo_that_disappears_keeps_its_answer(tmp_path, sandbox):
     s = run_json(job)
     assert s["unchanged"] == 1 and s["sent"] == 0
     assert export_rows(job)["SKU-1"]["state"] == "done"
+
+
+def test_edited_manifest_columns_reach_the_export_without_a_resend(tmp_path, sandbox):
+    photos(tmp_path, red=RED, blue=BLUE)
+    job = write_job(tmp_path, sandbox, manifest=catalog(tmp_path, [
+        "SKU-1,photos/red.jpg,Acme,10", "SKU-2,photos/blue.jpg,Acme,7"]))
+    run_json(job)
+    catalog(tmp_path, ["SKU-1,photos/red.jpg,Acme,11", "SKU-2,photos/blue.jpg,Acme,7"])
+    s = run_json(job)
+    assert (s["unchanged"], s["sent"]) == (2, 0)
+    rows = export_rows(job)
+    assert rows["SKU-1"]["price"] == "11" and rows["SKU-2"]["price"] == "7"
+    assert rows["SKU-1"]["result"]["price"] == "10"  # the record is what was sent and paid
+    assert sends(sandbox) == {"SKU-1": 1, "SKU-2": 1}
