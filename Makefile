@@ -11,12 +11,12 @@ DIST_STAMP := $(VENV)/.installed-dist
 $(STAMP): pyproject.toml runner/__init__.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,dask]'
+	$(BIN)/python -m pip install -q -e '.[test,dask,parquet]'
 	touch $(STAMP)
 
 # build and twine, for `make dist` and `make dist-check` only.
 $(DIST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[test,dask,dist]'
+	$(BIN)/python -m pip install -q -e '.[test,dask,parquet,dist]'
 	touch $(DIST_STAMP)
 
 venv: $(STAMP)

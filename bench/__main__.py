@@ -16,6 +16,7 @@ from types import ModuleType
 
 from bench import (
     bench_dask,
+    bench_export,
     bench_listing,
     bench_memory,
     bench_pipeline,
@@ -35,6 +36,7 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str]]] = {
     "listing": (bench_listing, ["--keys", "20000"], ["--keys", "100000"]),
     "dask": (bench_dask, ["--images", "1000"], ["--images", "3000"]),
     "report": (bench_report, ["--images", "20000"], ["--images", "100000"]),
+    "export": (bench_export, ["--rows", "100000"], ["--rows", "1000000"]),
 }
 
 

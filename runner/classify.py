@@ -50,7 +50,10 @@ def decide(items: Iterable[Item], known: dict[str, tuple[Any, ...]], request_sig
             out.append(Listed(it, NEW))
             continue
         fingerprint, state, reason, req_sig, row_prep_sig = row
-        if fingerprint != it.fingerprint:
+        if it.problem is not None and state == DONE and req_sig == request_sig:
+            # A manifest row whose photo is gone keeps the answer it paid for.
+            kind = UNCHANGED
+        elif fingerprint != it.fingerprint:
             kind = CHANGED
         elif state == DONE:
             kind = UNCHANGED if req_sig == request_sig else CHANGED_REQUEST

@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     AUTH = 5  # the API refused the token; nothing more was sent
     UNAVAILABLE = 69  # the API was unavailable (the circuit breaker opened, or retries ran out on
     # service failures): the images it failed are still pending, the next run continues
+    DATABASE = 74  # the state database cannot be used (newer ximrun, not a database); untouched
     LOCKED = 75  # another run of the same state database is in progress
     ABORTED = 130  # a second Ctrl-C, or a signal while a command other than run started
 
@@ -58,6 +59,17 @@ class StateError(RunnerError):
     """The state database is not there (nothing has run yet) or cannot be used."""
 
     exit_code = ExitCode.FAILURES
+
+
+class DatabaseError(StateError):
+    """The state database cannot be used: written by a newer ximrun, not a database, or in need
+    of an upgrade that a read-only command may not make. It was not changed."""
+
+    exit_code = ExitCode.DATABASE
+
+
+class ExportError(RunnerError):
+    """`ximrun export` cannot write where it was asked (a missing folder, a missing extra)."""
 
 
 class ReadError(RunnerError):

@@ -29,6 +29,8 @@ from runner.storage import HTTP, LOCAL, fingerprint_of, fs_for, listing_reason, 
 log = logging.getLogger("ximrun.sources")
 
 SkipFn = Callable[[str], None]
+# The fingerprint of a manifest row whose source is not there: unchanged while it stays away.
+MISSING_FINGERPRINT = "missing"
 # Remote stats of manifest rows run this many at a time, in windows that keep the rows' order.
 _STAT_THREADS = 16
 _STAT_WINDOW = 256
@@ -41,6 +43,7 @@ class _Target:
     key: str
     has_id: bool
     extra: Mapping[str, Any]
+    problem: str | None = None  # a row with an id but nothing to read
 
 
 _RESERVED = ("path", "url", "id")
@@ -90,6 +93,20 @@ def _resolved(window: list[tuple[int, Item | str | Future[Item | str]]]
 
 
 def _stat_target(t: _Target, source: SourceConfig) -> Item | str:
+    """The row's Item; one whose source is missing or cannot be stat-ed still gets one, with
+    its `problem` (it becomes a failed image with that reason, never read or sent)."""
+    if t.problem is not None:
+        return _unreadable(t, t.problem)
+    found = _stat_found(t, source)
+    return _unreadable(t, found) if isinstance(found, str) else found
+
+
+def _unreadable(t: _Target, problem: str) -> Item:
+    return Item(key=t.key, uri=t.uri, size=None, fingerprint=MISSING_FINGERPRINT, extra=t.extra,
+                problem=problem)
+
+
+def _stat_found(t: _Target, source: SourceConfig) -> Item | str:
     scheme = protocol(t.uri)
     if scheme in HTTP:
         # Stat-ing every URL would make listing as slow as downloading; the URL is the version.
@@ -98,19 +115,19 @@ def _stat_target(t: _Target, source: SourceConfig) -> Item | str:
         if scheme in LOCAL:
             st = os.stat(t.uri)
             if stat.S_ISDIR(st.st_mode):
-                return f"{t.uri} is a folder"
+                return f"not_a_file: {t.uri}"
             return Item(key=t.key, uri=t.uri, size=st.st_size,
                         fingerprint=f"{st.st_size}:{st.st_mtime_ns}", extra=t.extra)
         fs, path = fs_for(t.uri, source)
         info = fs.info(path)
     except FileNotFoundError:
-        return f"no such file: {t.uri}"
+        return f"missing: {t.uri}"
     except PermissionError:
-        return f"access denied: {t.uri}"
+        return f"access_denied: {t.uri}"
     except Exception as exc:  # one unreadable row must not stop the listing
-        return f"cannot stat {t.uri}: {brief(exc)}"
+        return f"read_error: {t.uri}: {brief(exc)}"
     if info.get("type") != "file":
-        return f"{t.uri} is a folder"
+        return f"not_a_file: {t.uri}"
     return Item(key=t.key, uri=t.uri, size=info.get("size"), fingerprint=fingerprint_of(info),
                 extra=t.extra)
 
@@ -138,12 +155,16 @@ def _row_target(fields: Mapping[str, Any], base: str) -> _Target | str:
     named = {k.strip().lower(): v for k, v in fields.items() if k.strip().lower() in _RESERVED}
     where = next((v.strip() for v in (named.get("path"), named.get("url"))
                   if isinstance(v, str) and v.strip()), None)
-    if where is None:
-        return "no path or url value"
     raw_id = named.get("id")
     ident = "" if raw_id is None else str(raw_id).strip()
-    uri = _resolve(where, base)
     extra = {k: v for k, v in fields.items() if k.strip() and k.strip().lower() not in _RESERVED}
+    if where is None:
+        if not ident:
+            return "no id and no path or url value"
+        # An id names a product: it gets a row, failed, so that the catalog sees it.
+        return _Target(uri="", key=ident, has_id=True, extra=extra,
+                       problem="missing: no path or url value")
+    uri = _resolve(where, base)
     return _Target(uri=uri, key=ident or uri, has_id=bool(ident), extra=extra)
 
 

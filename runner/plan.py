@@ -46,7 +46,7 @@ def plan_job(job: Job, progress: ProgressFn | None = None) -> Summary:
     seen: set[str] = set()
 
     def skipped(why: str) -> None:  # sources.py has logged the row and why
-        s.skipped_rows += 1
+        s.skipped(why, job.source.manifest)
 
     def count(r: Ready | Refused) -> None:
         if isinstance(r, Refused):

@@ -28,6 +28,9 @@ def prepare_items(job: Job, items: Sequence[Item]) -> list[Ready | Refused]:
     out: list[Ready | Refused | None] = [None] * len(items)
     to_read: list[int] = []
     for i, item in enumerate(items):
+        if item.problem is not None:  # a manifest row with nothing to read
+            out[i] = Refused(item, item.problem, read_failed=True)
+            continue
         if policy.send == "url":
             try:
                 out[i] = _by_url(job, item)

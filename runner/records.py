@@ -20,6 +20,9 @@ class Item:
     size: int | None
     fingerprint: str  # size plus ETag (object storage) or mtime (files)
     extra: Mapping[str, Any] = field(default_factory=dict)  # manifest columns sent in the record
+    # A manifest row whose source cannot be read ("missing: <path>", ...): listed, never read or
+    # sent, failed with this reason.
+    problem: str | None = None
 
 
 @dataclass(frozen=True)

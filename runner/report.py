@@ -7,18 +7,25 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from runner.errors import StateError
+from runner.errors import JobError, StateError
 from runner.job import Job
 from runner.limits import job_figures
 from runner.records import DONE, FAILED, PENDING, REJECTED, STATES
 from runner.store import Store, open_readonly
 
-EXPORT_FIELDS = ("key", "state", "reason", "credits", "reused_from", "content_hash",
-                 "fingerprint", "sends", "missing", "answered_at", "result")
+# The export's columns, in order: these, the manifest's columns (from items.extra) between `uri`
+# and `state`, then `--field` columns before `result`.
+EXPORT_HEAD = ("key", "uri")
+EXPORT_TAIL = ("state", "reason", "credits", "sends", "reused_from", "answered_at", "run",
+               "content_hash", "fingerprint", "missing")
+EXPORT_FIELDS = (*EXPORT_HEAD, *EXPORT_TAIL, "result")
+MANIFEST_PREFIX = "manifest."  # a manifest column named like one of the above is renamed so
 
 
 def _require_db(job: Job) -> None:
@@ -27,8 +34,10 @@ def _require_db(job: Job) -> None:
 
 
 def _open(job: Job) -> Store:
+    """Read-only, never migrated: a database an earlier ximrun wrote is refused (DatabaseError,
+    exit 74) with the advice to let `ximrun run` upgrade it; one a newer ximrun wrote, too."""
     _require_db(job)
-    return open_readonly(job.db_path)
+    return open_readonly(job.db_path, current=True)
 
 
 def shown_path(path: Path) -> str:
@@ -76,18 +85,129 @@ def status_report(job: Job) -> dict[str, Any]:
         "runs": [{k: r.get(k) for k in ("id", "started_at", "finished_at", "status", "exit_code",
                                     "listed", "sent", "done", "failed", "rejected", "reused",
                                     "requests", "credits", "account_before", "account_after",
-                                    "account_gap")}
+                                    "account_gap", "skipped_rows", "skipped_first")}
                  for r in runs],
+        # The last run's manifest rows that could not become an image (they have no row).
+        "manifest_rows_skipped": {"count": last["skipped_rows"] or 0 if last else 0,
+                                  "first": last["skipped_first"] if last else None},
     }
     return report
 
 
-def export_rows(job: Job, state: str | None = None) -> Iterator[dict[str, Any]]:
-    """One dict per image (EXPORT_FIELDS), in key order, streamed; `state` filters. Raises
-    StateError when nothing has run yet."""
-    _require_db(job)
-    for row in stored_rows(job.db_path, job.name, state):
-        yield {k: row[k] for k in EXPORT_FIELDS}
+@dataclass(frozen=True)
+class FieldPath:
+    """`--field NAME=PATH`: a value pulled out of the API's record into a column of its own."""
+
+    name: str
+    path: tuple[str | int, ...]
+
+    @classmethod
+    def parse(cls, spec: str) -> FieldPath:
+        """"best=_objects.0._identification.best_match.name": a dotted path, integers index
+        lists. ValueError, saying why, for one that does not parse."""
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"{spec!r}: expected NAME=PATH, for example "
+                             "best=_objects.0._identification.best_match.name")
+        parts = path.split(".")
+        if any(not p.strip() for p in parts):
+            raise ValueError(f"{spec!r}: an empty step in the path {path!r}")
+        return cls(name, tuple(int(p) if p.lstrip("-").isdigit() else p for p in parts))
+
+    def pick(self, record: Any) -> Any:
+        """The value at the path, None where the path leads nowhere."""
+        value = record
+        for step in self.path:
+            if isinstance(step, int) and isinstance(value, list):
+                if not -len(value) <= step < len(value):
+                    return None
+                value = value[step]
+            elif isinstance(value, dict):
+                value = value.get(str(step))
+            else:
+                return None
+            if value is None:
+                return None
+        return value
+
+
+def parse_since(text: str) -> str:
+    """An ISO 8601 date or time (UTC unless it says otherwise) as the database writes its
+    timestamps, so that text comparison is time comparison. ValueError if it does not parse."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r}: not an ISO 8601 date or time (2026-12-01, "
+                         "2026-12-01T02:15:00Z)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Export:
+    """An export's columns (known before the first row: a CSV header) and its rows, streamed
+    from a read-only connection in key order."""
+
+    columns: list[str]
+    manifest_columns: dict[str, str]  # manifest column -> export column
+    fields: tuple[FieldPath, ...]
+    rows: Iterator[dict[str, Any]]
+
+
+def open_export(job: Job, state: str | None = None, *, run: int | None = None,
+                since: str | None = None, fields: Sequence[FieldPath] = ()) -> Export:
+    """What `ximrun export` writes. `state`, `run` (the run that recorded the image's outcome)
+    and `since` (answered at or after, as `parse_since` gives it) filter. Raises StateError when
+    nothing has run yet, DatabaseError for a database it cannot read, JobError for a `--field`
+    name already taken."""
+    _open(job).close()  # refuses a database that is missing, older or newer
+    conn = _connect_ro(job.db_path)
+    try:
+        names = [r[0] for r in conn.execute(
+            "SELECT j.key FROM items, json_each(items.extra) AS j WHERE items.job = ? "
+            "AND json_valid(items.extra) GROUP BY j.key ORDER BY min(items.rowid), min(j.id)",
+            (job.name,))]
+    finally:
+        conn.close()
+    fixed = set(EXPORT_FIELDS)
+    manifest = {n: (MANIFEST_PREFIX + n if n in fixed else n) for n in names}
+    columns = [*EXPORT_HEAD, *manifest.values(), *EXPORT_TAIL]
+    for f in fields:
+        if f.name in columns or f.name == "result":
+            raise JobError(f"--field {f.name}: the export already has a column {f.name!r}")
+        columns.append(f.name)
+    columns.append("result")
+    rows = _export_rows(job, state, run, since, manifest, tuple(fields))
+    return Export(columns, manifest, tuple(fields), rows)
+
+
+def _export_rows(job: Job, state: str | None, run: int | None, since: str | None,
+                 manifest: dict[str, str], fields: tuple[FieldPath, ...]
+                 ) -> Iterator[dict[str, Any]]:
+    empty = dict.fromkeys(manifest.values())
+    for row in stored_rows(job.db_path, job.name, state, run=run, since=since):
+        extra = row["extra"]
+        out = {"key": row["key"], "uri": row["uri"], **empty}
+        if extra:
+            for k, v in json.loads(extra).items():
+                out[manifest.get(k, k)] = v
+        for k in EXPORT_TAIL:
+            out[k] = row[k]
+        result = row["result"]
+        for f in fields:
+            out[f.name] = f.pick(result)
+        out["result"] = result
+        yield out
+
+
+def export_rows(job: Job, state: str | None = None, *, run: int | None = None,
+                since: str | None = None, fields: Sequence[FieldPath] = ()
+                ) -> Iterator[dict[str, Any]]:
+    """One dict per image (`open_export`'s columns), in key order, streamed; `state`, `run` and
+    `since` filter. Raises StateError when nothing has run yet."""
+    yield from open_export(job, state, run=run, since=since, fields=fields).rows
 
 
 def counts(store: Store, job: str) -> dict[str, int]:
@@ -147,17 +267,30 @@ def resend_stats(store: Store, job: str, *, running_run: int | None = None) -> d
             "requests_without_answer": len(lost),
             "images_in_requests_without_answer": len({k for u in lost for k in u["keys"]})}
 
-def stored_rows(path: Path, job: str, state: str | None = None) -> Iterator[dict[str, Any]]:
-    q = ("SELECT key, uri, state, reason, credits, reused_from, content_hash, fingerprint, "
-         "sends, missing, answered_at, result FROM items WHERE job = ?")
+def _connect_ro(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def stored_rows(path: Path, job: str, state: str | None = None, *, run: int | None = None,
+                since: str | None = None) -> Iterator[dict[str, Any]]:
+    q = ("SELECT key, uri, extra, state, reason, credits, reused_from, content_hash, "
+         "fingerprint, sends, missing, answered_at, recorded_run AS run, result FROM items "
+         "WHERE job = ?")
     args: list[Any] = [job]
     if state:
         q += " AND state = ?"
         args.append(state)
+    if run is not None:
+        q += " AND recorded_run = ?"
+        args.append(run)
+    if since is not None:
+        q += " AND answered_at >= ?"
+        args.append(since)
     q += " ORDER BY key"
     # A separate cursor on a read-only connection streams without holding the writer's lock.
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
+    conn = _connect_ro(path)
     try:
         for row in conn.execute(q, args):
             d = dict(row)

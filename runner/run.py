@@ -25,7 +25,7 @@ from runner.limits import DURATION, MONEY, NO_LIMIT, Limits, stop_message
 from runner.prepare import prep_signature, prepare_smaller
 from runner.records import FAILED, PENDING, Item, Ready, RecordOutcome, Refused
 from runner.sources import check_sources, iter_chunks, list_items
-from runner.store import BatchAnswer, Store, compact_json
+from runner.store import BatchAnswer, Store, reused_record
 from runner.summary import KIND_COUNTERS, ProgressFn, RunOptions, Summary
 
 log = logging.getLogger("ximrun.run")
@@ -110,7 +110,7 @@ class Run:
         """The images to act on, as the listing streams; every chunk is recorded as listed (and
         counted) first."""
         def skipped(why: str) -> None:  # sources.py has logged the row and why
-            self.summary.skipped_rows += 1
+            self.summary.skipped(why, self.job.source.manifest)
 
         # Chunks are classified (by the store's writer) while the next ones are listed. Each one
         # queued is recorded as listed in the runs row: `settle_listing` counts those a stop left
@@ -229,7 +229,8 @@ class Run:
                 log.warning("%s", self._gap_message())
         s.limits = self.limits.left()
         self.store.finish_run(self.run_id, status=s.status, exit_code=s.exit_code,
-                              account_after=s.account_after, account_gap=s.account_gap)
+                              account_after=s.account_after, account_gap=s.account_gap,
+                              skipped_rows=s.skipped_rows, skipped_first=s.skipped_first)
         self.report()
         return s
 
@@ -317,8 +318,9 @@ class Run:
                     if copies is not None:
                         copies.append(r.item)
                     elif h in known:
-                        _, src, result = known[h]
-                        reused.append((r.item, h, src, result))
+                        found = known[h]
+                        reused.append((r.item, h, found.key,
+                                       reused_record(found.result, r.item, found.extra)))
                     else:
                         self.waiting[h] = []
                         batch.append(r)
@@ -468,8 +470,9 @@ class Run:
                 late = copies[len(a.followers):]
                 o = a.outcome
                 if o.ok and late:
-                    result = compact_json(o.record)
-                    late_reused += [(it, h, a.item.key, result) for it in late]
+                    late_reused += [(it, h, a.item.key,
+                                     reused_record(o.record or {}, it, a.item.extra))
+                                    for it in late]
                 else:
                     late_failed += [(it, f"same bytes as {a.item.key}: {o.reason}")
                                     for it in late]

@@ -1,86 +1,221 @@
-"""The state database's tables (docs/schema.md describes them column by column)."""
+"""The state database's tables and their migrations (docs/schema.md describes them column by
+column).
+
+The schema is a list of numbered steps, `MIGRATIONS`, applied in order to a database whose
+`meta.schema_version` is lower, each step in its own transaction together with the new version
+and its `_migrations` row: a crash between two steps leaves a database at the earlier version,
+which the next open continues. A database whose version is higher than this code knows (written
+by a newer ximrun) is refused, untouched (`DatabaseError`, exit 74). A step is never edited once
+released: a change of the schema is a new step at the end of the list.
+"""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
-import sqlite_utils
+from runner.errors import DatabaseError
 
-from runner.records import PENDING
+# Version 1: the tables as ximrun 0.1 created them, kept verbatim (sqlite-utils wrote them).
+_V1 = """
+CREATE TABLE IF NOT EXISTS "items" (
+   "job" TEXT NOT NULL,
+   "key" TEXT NOT NULL,
+   "uri" TEXT,
+   "size" INTEGER,
+   "fingerprint" TEXT,
+   "state" TEXT NOT NULL DEFAULT 'pending',
+   "reason" TEXT,
+   "credits" INTEGER DEFAULT 0,
+   "result" TEXT,
+   "content_hash" TEXT,
+   "request_sig" TEXT,
+   "prep_sig" TEXT,
+   "reused_from" TEXT,
+   "sends" INTEGER DEFAULT 0,
+   "listed_run" INTEGER,
+   "missing" INTEGER DEFAULT 0,
+   "first_seen" TEXT,
+   "updated_at" TEXT,
+   "answered_at" TEXT,
+   PRIMARY KEY ("job", "key")
+);
+CREATE INDEX IF NOT EXISTS "idx_items_job_state" ON "items" ("job", "state");
+CREATE INDEX IF NOT EXISTS "idx_items_content_hash_request_sig"
+    ON "items" ("content_hash", "request_sig");
+CREATE INDEX IF NOT EXISTS idx_items_missing ON items (job, key) WHERE missing = 1;
+CREATE TABLE IF NOT EXISTS "runs" (
+   "id" INTEGER PRIMARY KEY,
+   "job" TEXT NOT NULL,
+   "pid" INTEGER,
+   "started_at" TEXT NOT NULL,
+   "finished_at" TEXT,
+   "status" TEXT NOT NULL,
+   "exit_code" INTEGER,
+   "endpoint" TEXT,
+   "budget" INTEGER,
+   "listed" INTEGER DEFAULT 0,
+   "sent" INTEGER DEFAULT 0,
+   "done" INTEGER DEFAULT 0,
+   "failed" INTEGER DEFAULT 0,
+   "rejected" INTEGER DEFAULT 0,
+   "reused" INTEGER DEFAULT 0,
+   "requests" INTEGER DEFAULT 0,
+   "credits" INTEGER DEFAULT 0,
+   "credits_saved" INTEGER DEFAULT 0,
+   "account_before" INTEGER,
+   "account_after" INTEGER
+);
+CREATE INDEX IF NOT EXISTS "idx_runs_job_id" ON "runs" ("job", "id");
+CREATE TABLE IF NOT EXISTS "attempts" (
+   "id" INTEGER PRIMARY KEY,
+   "run_id" INTEGER NOT NULL REFERENCES "runs"("id"),
+   "job" TEXT NOT NULL,
+   "batch" INTEGER,
+   "attempt" INTEGER,
+   "keys" TEXT NOT NULL,
+   "n" INTEGER,
+   "sent_at" TEXT NOT NULL,
+   "closed_at" TEXT
+);
+CREATE INDEX IF NOT EXISTS "idx_attempts_job_closed_at" ON "attempts" ("job", "closed_at");
+CREATE INDEX IF NOT EXISTS "idx_attempts_run_id_batch" ON "attempts" ("run_id", "batch");
+CREATE TABLE IF NOT EXISTS "meta" (
+   "key" TEXT PRIMARY KEY,
+   "value" TEXT
+);
+"""
 
-SCHEMA_VERSION = 1
+
+def _v1(c: sqlite3.Connection) -> None:
+    for statement in _V1.split(";"):
+        if statement.strip():
+            c.execute(statement)
 
 
-# Columns added after databases were created: (table, column, declaration). A numbered
-# migration will replace this check.
-ADDED_COLUMNS = (
-    # How far the account's counter moved beyond the credits the run recorded (NULL: unknown).
-    ("runs", "account_gap", "INTEGER"),
-)
+def _v2(c: sqlite3.Connection) -> None:
+    """Catalog imports: the manifest's columns per image, the run that recorded an image's
+    outcome, the manifest rows a run skipped; and reused answers that carried the paying
+    image's identity get their own."""
+    c.execute("ALTER TABLE items ADD COLUMN extra TEXT")
+    c.execute("ALTER TABLE items ADD COLUMN recorded_run INTEGER")
+    c.execute("ALTER TABLE runs ADD COLUMN skipped_rows INTEGER DEFAULT 0")
+    c.execute("ALTER TABLE runs ADD COLUMN skipped_first TEXT")
+    # Version 1 stored a reused answer as the paying image's record: its `_id` and its manifest
+    # columns. The manifest columns were not stored then, so they are told apart as the
+    # service's analysis never looks: a top-level key without a leading `_` holding a string, a
+    # number, a boolean or null (a CSV cell is always a string).
+    rows = c.execute("SELECT rowid, key, result FROM items WHERE reused_from IS NOT NULL "
+                     "AND result IS NOT NULL").fetchall()
+    fixed = []
+    for rowid, key, result in rows:
+        try:
+            record = json.loads(result)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or record.get("_id") == key:
+            continue
+        own = {"_id": key, **{k: v for k, v in record.items()
+                              if k != "_id" and (k.startswith("_") or not _scalar(v))}}
+        fixed.append((json.dumps(own, separators=(",", ":")), rowid))
+    c.executemany("UPDATE items SET result = ? WHERE rowid = ?", fixed)
 
 
-def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    """`ALTER TABLE ... ADD COLUMN` for each added column a database does not have yet."""
-    for table, column, decl in ADDED_COLUMNS:
-        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        if column not in have:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+def _v3(c: sqlite3.Connection) -> None:
+    """How far the account's counter moved beyond the credits a run recorded (NULL: unknown)."""
+    have = {row[1] for row in c.execute("PRAGMA table_info(runs)")}
+    if "account_gap" not in have:  # databases of a development build added it unnumbered
+        c.execute("ALTER TABLE runs ADD COLUMN account_gap INTEGER")
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, str | int | float | bool)
+
+
+# (version, what it does, the step). Append only.
+MIGRATIONS: list[tuple[int, str, Callable[[sqlite3.Connection], None]]] = [
+    (1, "items, runs, attempts, meta", _v1),
+    (2, "items.extra, items.recorded_run, runs.skipped_rows/skipped_first; reused answers "
+        "with their own _id", _v2),
+    (3, "runs.account_gap", _v3),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def schema_version(c: sqlite3.Connection) -> int:
+    """The database's version: 0 for an empty file (nothing created yet)."""
+    has_meta = c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+                         ).fetchone()
+    if not has_meta:
+        has_items = c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                              "name = 'items'").fetchone()
+        return 1 if has_items else 0
+    row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    try:
+        return int(row[0]) if row else 1
+    except (TypeError, ValueError):
+        raise DatabaseError(f"schema_version {row[0]!r} is not a number") from None
+
+
+def check_version(c: sqlite3.Connection, where: str) -> int:
+    """The database's version; DatabaseError if a newer ximrun wrote it."""
+    try:
+        version = schema_version(c)
+    except sqlite3.DatabaseError as exc:
+        raise DatabaseError(f"{where}: not a usable SQLite database ({exc})") from None
+    if version > SCHEMA_VERSION:
+        raise DatabaseError(
+            f"{where}: written by a newer ximrun (schema version {version}; this ximrun knows "
+            f"up to {SCHEMA_VERSION}); upgrade ximrun. The database was not changed.")
+    return version
+
+
+def migrate(c: sqlite3.Connection, where: str) -> list[int]:
+    """Apply the steps the database lacks, in order, each in one transaction; returns the
+    versions applied. `c` is in autocommit mode (isolation_level None)."""
+    applied: list[int] = []
+    if check_version(c, where) >= SCHEMA_VERSION:
+        return applied  # up to date: not even the write lock is taken
+    for version, name, step in MIGRATIONS:
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            # Read again under the write lock: another process may have migrated meanwhile.
+            current = check_version(c, where)
+            if current >= version:
+                c.execute("ROLLBACK")
+                continue
+            step(c)
+            c.execute("CREATE TABLE IF NOT EXISTS _migrations (version INTEGER PRIMARY KEY, "
+                      "name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+            if version > 1 and not c.execute("SELECT 1 FROM _migrations WHERE version = 1"
+                                             ).fetchone():
+                # A database from before migrations were recorded: its version 1 was there.
+                c.execute("INSERT INTO _migrations VALUES (1, ?, 'before migrations')",
+                          (MIGRATIONS[0][1],))
+            c.execute("INSERT INTO _migrations VALUES (?, ?, ?)", (version, name, _now()))
+            c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                      "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(version),))
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+        applied.append(version)
+    return applied
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
-    """The tables and indexes, created where missing; the schema version recorded once."""
-    db = sqlite_utils.Database(conn)
-    db["items"].create(
-        {
-            "job": str, "key": str, "uri": str, "size": int, "fingerprint": str,
-            "state": str, "reason": str, "credits": int, "result": str,
-            "content_hash": str, "request_sig": str, "prep_sig": str,
-            "reused_from": str, "sends": int, "listed_run": int, "missing": int,
-            "first_seen": str, "updated_at": str, "answered_at": str,
-        },
-        pk=("job", "key"),
-        not_null={"job", "key", "state"},
-        defaults={"credits": 0, "sends": 0, "missing": 0, "state": PENDING},
-        if_not_exists=True,
-    )
-    db["items"].create_index(["job", "state"], if_not_exists=True)
-    db["items"].create_index(["content_hash", "request_sig"], if_not_exists=True)
-    # Only the few missing images: finding those listed again costs nothing otherwise.
-    conn.execute("CREATE INDEX IF NOT EXISTS idx_items_missing ON items (job, key) "
-                      "WHERE missing = 1")
-    db["runs"].create(
-        {
-            "id": int, "job": str, "pid": int, "started_at": str, "finished_at": str,
-            "status": str, "exit_code": int, "endpoint": str, "budget": int,
-            "listed": int, "sent": int, "done": int, "failed": int, "rejected": int,
-            "reused": int, "requests": int, "credits": int, "credits_saved": int,
-            "account_before": int, "account_after": int,
-        },
-        pk="id",
-        not_null={"job", "started_at", "status"},
-        defaults={"listed": 0, "sent": 0, "done": 0, "failed": 0, "rejected": 0,
-                  "reused": 0, "requests": 0, "credits": 0, "credits_saved": 0},
-        if_not_exists=True,
-    )
-    db["runs"].create_index(["job", "id"], if_not_exists=True)
-    # One row per HTTP request that carried records: written before the request is sent,
-    # closed when its batch is recorded. A row still open after its run ended names images
-    # that may have been billed without an answer recorded.
-    db["attempts"].create(
-        {"id": int, "run_id": int, "job": str, "batch": int, "attempt": int,
-         "keys": str, "n": int, "sent_at": str, "closed_at": str},
-        pk="id",
-        not_null={"run_id", "job", "keys", "sent_at"},
-        foreign_keys=[("run_id", "runs", "id")],
-        if_not_exists=True,
-    )
-    db["attempts"].create_index(["job", "closed_at"], if_not_exists=True)
-    db["attempts"].create_index(["run_id", "batch"], if_not_exists=True)
-    db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-    _add_missing_columns(conn)
-    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                      (str(SCHEMA_VERSION),))
+    """The tables, created or brought up to date, then the views (kept apart: they are
+    created where missing after every migration)."""
+    migrate(conn, "state database")
     create_views(conn)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # --- views: one SELECT for the common questions (README, "Browsing the state database") -------

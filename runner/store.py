@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from runner.classify import (
     CHANGED,
@@ -24,8 +24,9 @@ from runner.classify import (
     decide,
 )
 from runner.commit import CommitStats, Database
+from runner.errors import DatabaseError
 from runner.records import Item, RecordOutcome
-from runner.schema import create_schema
+from runner.schema import SCHEMA_VERSION, check_version, migrate
 
 RUN_COUNTERS = ("listed", "requests", "sent", "done", "failed", "rejected", "reused", "credits",
                 "credits_saved")
@@ -33,6 +34,56 @@ RUN_COUNTERS = ("listed", "requests", "sent", "done", "failed", "rejected", "reu
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Answer(NamedTuple):
+    """An answer already paid for some bytes: where it is stored and what was sent with it."""
+
+    job: str
+    key: str
+    result: str  # the record as stored (JSON)
+    extra: dict[str, Any] | None  # the manifest columns sent with it; None: not known (v1 rows)
+
+
+# Keys of a record that say what was sent, not what the service found.
+_SENT_KEYS = frozenset({"_id", "_base64", "_url"})
+
+
+def reused_record(record: dict[str, Any] | str, item: Item,
+                  source_extra: Mapping[str, Any] | None) -> str:
+    """The record `item` gets from an answer paid by another image (as compact JSON): its own
+    `_id` and manifest columns, and only the service's analysis of the answer: every key but
+    `_id`, the image sent and the manifest columns the paying image was sent with
+    (`source_extra`; None when they were not stored, before schema version 2: then a top-level
+    key without a leading `_` holding a string, number, boolean or null is taken for one)."""
+    if isinstance(record, str):
+        record = json.loads(record)
+    assert isinstance(record, dict)
+    if source_extra is not None:
+        sent = set(source_extra)
+
+        def analysis(k: str, v: Any) -> bool:
+            return k not in sent
+    else:
+        def analysis(k: str, v: Any) -> bool:
+            return k.startswith("_") or not (v is None or isinstance(v, str | int | float | bool))
+
+    own: dict[str, Any] = {"_id": item.key}
+    own.update((k, v) for k, v in item.extra.items() if k not in _SENT_KEYS)
+    own.update((k, v) for k, v in record.items() if k not in _SENT_KEYS and analysis(k, v))
+    return compact_json(own)
+
+
+def _listed_row(it: Item) -> tuple[Any, ...]:
+    """An item as the run's listing holds it: key, fingerprint and, for a manifest row with
+    columns, their JSON."""
+    return (it.key, it.fingerprint, extra_json(it.extra)) if it.extra else (it.key,
+                                                                              it.fingerprint)
+
+
+def extra_json(extra: Mapping[str, Any]) -> str:
+    """An item's manifest columns as stored in items.extra ('{}' for none)."""
+    return _listing_json(dict(extra)) if extra else "{}"
 
 
 @dataclass(frozen=True)
@@ -76,15 +127,31 @@ class RunCounts:
 class Store:
     """A job's view of one state database; the same file may hold several jobs."""
 
-    def __init__(self, path: Path | str, *, create: bool = True) -> None:
+    def __init__(self, path: Path | str, *, create: bool = True,
+                 current: bool = False) -> None:
+        """create: create the database or bring it up to date (the migrations of schema.py).
+        Without it nothing is changed; `current` then refuses a database that needs a migration
+        (DatabaseError). A database written by a newer ximrun is always refused, untouched."""
         self._counts = RunCounts()
+        if create and str(path) != ":memory:" and Path(path).exists():
+            _precheck(Path(path))  # a newer or foreign file is refused before anything is set
         self.db = Database(path, create=create, deferred=self._counts)
         self.path = self.db.path
         self._listed_all: str | None = None  # the job whose every row this run listed
         self._json_each = _has_json_each(self.db.conn)
-        if create:
+        try:
             with self.db.lock:
-                create_schema(self.db.conn)
+                if create:
+                    migrate(self.db.conn, str(self.path))
+                self.version = check_version(self.db.conn, str(self.path))
+        except BaseException:
+            self.db.close()
+            raise
+        if current and self.version < SCHEMA_VERSION:
+            self.db.close()
+            raise DatabaseError(
+                f"{self.path}: written by an earlier ximrun (schema version {self.version}, "
+                f"now {SCHEMA_VERSION}); `ximrun run` upgrades it first (the answers are kept)")
 
     @property
     def stats(self) -> CommitStats:
@@ -112,7 +179,8 @@ class Store:
             # file, not in memory, so a listing of millions of keys does not grow the process.
             self._listed_all = None
             c.execute("DROP TABLE IF EXISTS temp.listed")
-            c.execute("CREATE TEMP TABLE listed (key TEXT, fp TEXT)")
+            # extra: a manifest row's columns (NULL for other images), compared in the join.
+            c.execute("CREATE TEMP TABLE listed (key TEXT, fp TEXT, extra TEXT)")
             # The run lock is held: no other run of this database is alive (see `_crashed`).
             c.execute("UPDATE runs SET status = 'crashed' WHERE job = ? AND status = 'running'",
                       (job,))
@@ -124,11 +192,14 @@ class Store:
         return self.db.write(begin)
 
     def finish_run(self, run_id: int, *, status: str, exit_code: int,
-                   account_after: int | None = None, account_gap: int | None = None) -> None:
+                   account_after: int | None = None, account_gap: int | None = None,
+                   skipped_rows: int = 0, skipped_first: str | None = None) -> None:
         self.db.write(lambda c: c.execute(
             "UPDATE runs SET finished_at = ?, status = ?, exit_code = ?, "
-            "account_after = coalesce(?, account_after), account_gap = ? WHERE id = ?",
-            (utcnow(), status, exit_code, account_after, account_gap, run_id)))
+            "account_after = coalesce(?, account_after), account_gap = ?, skipped_rows = ?, "
+            "skipped_first = ? WHERE id = ?",
+            (utcnow(), status, exit_code, account_after, account_gap, skipped_rows,
+             skipped_first, run_id)))
 
     def set_account_before(self, run_id: int, value: int | None) -> None:
         self.db.write(lambda c: c.execute("UPDATE runs SET account_before = ? WHERE id = ?",
@@ -184,8 +255,7 @@ class Store:
             return lambda: Classified({}, [])
         # The chunk's JSON is built here, by the caller, so that the writer holds the
         # interpreter lock as little as it can while the caller goes on listing.
-        rows = (_listing_json([(it.key, it.fingerprint) for it in items])
-                if self._json_each else None)
+        rows = (_listing_json([_listed_row(it) for it in items]) if self._json_each else None)
 
         def fn(c: sqlite3.Connection) -> Classified:
             return self._classify_listed(c, job, items, request_sig=request_sig,
@@ -204,17 +274,21 @@ class Store:
             # One statement for the chunk (its rows parsed by SQLite, the interpreter lock let go
             # once), not one step per row: the listing runs meanwhile without a lock hand-over
             # per row.
-            c.execute("INSERT INTO temp.listed (key, fp) SELECT json_extract(value, '$[0]'), "
-                      "json_extract(value, '$[1]') FROM json_each(?)", (rows,))
+            c.execute("INSERT INTO temp.listed (key, fp, extra) SELECT "
+                      "json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+                      "json_extract(value, '$[2]') FROM json_each(?)", (rows,))
         else:
-            c.executemany("INSERT INTO temp.listed (key, fp) VALUES (?, ?)",
-                          [(it.key, it.fingerprint) for it in items])
+            c.executemany("INSERT INTO temp.listed (key, fp, extra) VALUES (?, ?, ?)",
+                          [(*_listed_row(it), None)[:3] for it in items])
         cur = c.cursor()
         cur.row_factory = None
         found = cur.execute(
             "SELECT l.key, i.fingerprint, i.state, i.reason, i.request_sig, i.prep_sig "
             "FROM temp.listed l LEFT JOIN items i ON i.job = ? AND i.key = l.key "
-            "WHERE l.rowid > ? AND NOT coalesce(i.fingerprint = l.fp AND ("
+            # A manifest row whose columns changed is returned too (its photo may be unchanged):
+            # its stored columns are brought up to date below.
+            "WHERE l.rowid > ? AND NOT coalesce(i.fingerprint = l.fp "
+            "AND (l.extra IS NULL OR i.extra IS l.extra) AND ("
             "(i.state = 'done' AND i.request_sig = ?) OR "
             "(i.state = 'rejected' AND i.prep_sig IS ?)), 0)",
             (job, base, request_sig, prep_sig)).fetchall()
@@ -225,14 +299,23 @@ class Store:
         now = utcnow()
         c.executemany(
             "INSERT INTO items (job, key, uri, size, fingerprint, state, listed_run, "
-            "first_seen, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?) "
+            "first_seen, updated_at, extra) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) "
             "ON CONFLICT (job, key) DO UPDATE SET uri = excluded.uri, size = excluded.size, "
             "fingerprint = excluded.fingerprint, listed_run = excluded.listed_run, "
             # The previous answer stays with its content hash and request signature: if the
             # bytes turn out unchanged (a touched file), find_answer reuses it for free.
-            "state = 'pending', reason = NULL, updated_at = excluded.updated_at",
-            [(job, x.item.key, x.item.uri, x.item.size, x.item.fingerprint, run_id, now, now)
+            "state = 'pending', reason = NULL, updated_at = excluded.updated_at, "
+            "extra = excluded.extra",
+            [(job, x.item.key, x.item.uri, x.item.size, x.item.fingerprint, run_id, now, now,
+              extra_json(x.item.extra))
              for x in out.listed if x.kind in (NEW, CHANGED, CHANGED_REQUEST)])
+        changed = [it for it in acting if it.extra]
+        if changed:
+            # A manifest's columns may change without the photo changing: kept up to date for
+            # export. Only rows the join returned: an unchanged catalog writes nothing.
+            c.executemany("UPDATE items SET extra = ?1 WHERE job = ?2 AND key = ?3 "
+                          "AND extra IS NOT ?1",
+                          [(extra_json(it.extra), job, it.key) for it in changed])
         self._counts.add(run_id, listed=len(items))
         return out
 
@@ -276,9 +359,9 @@ class Store:
 
         def mark(c: sqlite3.Connection) -> None:
             c.executemany(
-                "UPDATE items SET state = 'rejected', reason = ?, prep_sig = ?, updated_at = ? "
-                "WHERE job = ? AND key = ?",
-                [(reason, prep_sig, now, job, it.key) for it, reason in rejected])
+                "UPDATE items SET state = 'rejected', reason = ?, prep_sig = ?, updated_at = ?, "
+                "recorded_run = ? WHERE job = ? AND key = ?",
+                [(reason, prep_sig, now, run_id, job, it.key) for it, reason in rejected])
             self._counts.add(run_id, rejected=len(rejected))
 
         self.db.write(mark)
@@ -290,21 +373,20 @@ class Store:
         now = utcnow()
 
         def mark(c: sqlite3.Connection) -> None:
-            c.executemany("UPDATE items SET state = 'failed', reason = ?, updated_at = ? "
-                          "WHERE job = ? AND key = ?",
-                          [(reason, now, job, it.key) for it, reason in failed])
+            c.executemany("UPDATE items SET state = 'failed', reason = ?, updated_at = ?, "
+                          "recorded_run = ? WHERE job = ? AND key = ?",
+                          [(reason, now, run_id, job, it.key) for it, reason in failed])
             self._counts.add(run_id, failed=len(failed))
 
         self.db.write(mark)
 
-    def find_answer(self, content_hash: str, request_sig: str) -> tuple[str, str, str] | None:
-        """An answer already paid for these bytes and this request, in any job: (job, key, result)."""
+    def find_answer(self, content_hash: str, request_sig: str) -> Answer | None:
+        """An answer already paid for these bytes and this request, in any job."""
         return self.find_answers([content_hash], request_sig).get(content_hash)
 
-    def find_answers(self, hashes: Sequence[str],
-                     request_sig: str) -> dict[str, tuple[str, str, str]]:
+    def find_answers(self, hashes: Sequence[str], request_sig: str) -> dict[str, Answer]:
         """Answers already paid for these contents and this request, in any job, one query:
-        content hash -> (job, key, result).
+        content hash -> Answer (job, key, result, the manifest columns it was sent with).
 
         The image that paid is preferred; once it changed, a copy that reused its answer still
         holds it; and an image listed again as changed keeps its last answer until it is sent,
@@ -312,6 +394,7 @@ class Store:
         if not hashes:
             return {}
         unique = list(dict.fromkeys(hashes))
+        extra = "extra" if self.version >= 2 else "NULL"  # plan reads an older database too
 
         def find(c: sqlite3.Connection) -> list[tuple[Any, ...]]:
             cur = c.cursor()
@@ -321,22 +404,24 @@ class Store:
                 part = unique[i:i + 500]
                 rows += cur.execute(
                     "SELECT content_hash, job, key, result, state != 'done', "
-                    "reused_from IS NOT NULL FROM items "
+                    f"reused_from IS NOT NULL, {extra} FROM items "
                     f"WHERE content_hash IN ({','.join('?' * len(part))}) AND request_sig = ? "
                     "AND result IS NOT NULL AND state IN ('done', 'pending')",
                     (*part, request_sig)).fetchall()
             return rows
 
-        best: dict[str, tuple[Any, ...]] = {}
-        for h, job, key, result, not_done, reused in self.db.read(find):
+        best: dict[str, tuple[Any, Answer]] = {}
+        for h, job, key, result, not_done, reused, extra in self.db.read(find):
             rank = (not_done, reused, job, key)
             if h not in best or rank < best[h][0]:
-                best[h] = (rank, (job, key, result))
+                best[h] = (rank, Answer(job, key, result,
+                                        json.loads(extra) if extra is not None else None))
         return {h: found for h, (_, found) in best.items()}
 
     def mark_reused(self, job: str, reused: Sequence[tuple[Item, str, str, str]], *,
                     request_sig: str, prep_sig: str, run_id: int, per_image: int) -> None:
-        """(item, content_hash, source key, result JSON): done for free with a known answer."""
+        """(item, content_hash, source key, this item's own record as JSON, see
+        `reused_record`): done for free with a known answer."""
         if not reused:
             return
         now = utcnow()
@@ -344,9 +429,9 @@ class Store:
         def mark(c: sqlite3.Connection) -> None:
             c.executemany(
                 "UPDATE items SET state = 'done', reason = NULL, result = ?, content_hash = ?, "
-                "request_sig = ?, prep_sig = ?, reused_from = ?, updated_at = ?, answered_at = ? "
-                "WHERE job = ? AND key = ?",
-                [(result, h, request_sig, prep_sig, src, now, now, job, it.key)
+                "request_sig = ?, prep_sig = ?, reused_from = ?, updated_at = ?, answered_at = ?, "
+                "recorded_run = ? WHERE job = ? AND key = ?",
+                [(result, h, request_sig, prep_sig, src, now, now, run_id, job, it.key)
                  for it, h, src, result in reused])
             self._counts.add(run_id, reused=len(reused), done=len(reused),
                             credits_saved=len(reused) * per_image)
@@ -417,27 +502,30 @@ class Store:
                 credits += per_image
                 done += 1
                 rows_done.append((result, per_image, a.content_hash, request_sig, prep_sig,
-                                  now, now, job, a.item.key))
+                                  now, now, run_id, job, a.item.key))
                 for f in a.followers:
                     reused += 1
                     done += 1  # as mark_reused counts a copy answered later: done and reused
-                    rows_done.append((result, 0, a.content_hash, request_sig, prep_sig, now,
-                                      now, job, f.key))
+                    # A copy gets its own record: its _id and manifest columns, the analysis.
+                    own = reused_record(o.record or {}, f, a.item.extra)
+                    rows_done.append((own, 0, a.content_hash, request_sig, prep_sig, now,
+                                      now, run_id, job, f.key))
                     # Followers carry the key they were answered through.
                     rows_followers.append((a.item.key, job, f.key))
             else:
                 failed += 1
-                rows_failed.append((o.reason, result, a.content_hash, now, job, a.item.key))
+                rows_failed.append((o.reason, result, a.content_hash, now, run_id, job,
+                                    a.item.key))
                 for f in a.followers:
                     failed += 1
                     rows_failed.append((f"same bytes as {a.item.key}: {o.reason}", None,
-                                        a.content_hash, now, job, f.key))
+                                        a.content_hash, now, run_id, job, f.key))
 
         def record(c: sqlite3.Connection) -> None:
             c.executemany(
                 "UPDATE items SET state = 'done', reason = NULL, result = ?, "
                 "credits = credits + ?, content_hash = ?, request_sig = ?, prep_sig = ?, "
-                "reused_from = NULL, updated_at = ?, answered_at = ? "
+                "reused_from = NULL, updated_at = ?, answered_at = ?, recorded_run = ? "
                 "WHERE job = ? AND key = ?", rows_done)
             if rows_followers:
                 c.executemany("UPDATE items SET reused_from = ? WHERE job = ? AND key = ?",
@@ -445,7 +533,7 @@ class Store:
             if rows_failed:
                 c.executemany(
                     "UPDATE items SET state = 'failed', reason = ?, result = ?, content_hash = ?, "
-                    "request_sig = NULL, updated_at = ? "
+                    "request_sig = NULL, updated_at = ?, recorded_run = ? "
                     "WHERE job = ? AND key = ?", rows_failed)
             if rows_reason:
                 c.executemany("UPDATE items SET reason = ?, updated_at = ? WHERE job = ? AND key = ?",
@@ -502,6 +590,19 @@ class Store:
 
 
 
+def _precheck(path: Path) -> None:
+    """DatabaseError for a file a newer ximrun wrote, or no database at all, read without
+    changing anything (opening it to write would switch its journal mode first)."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"{path}: cannot be opened ({exc})") from None
+    try:
+        check_version(conn, str(path))
+    finally:
+        conn.close()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -538,9 +639,10 @@ def _known_rows(c: sqlite3.Connection, job: str,
     return known
 
 
-def open_readonly(path: Path) -> Store:
-    """For status/plan/export while a run writes: no schema changes, no journal-mode switch."""
-    return Store(path, create=False)
+def open_readonly(path: Path, *, current: bool = False) -> Store:
+    """For status/plan/export while a run writes: no schema changes, no journal-mode switch.
+    `current`: refuse a database that an earlier ximrun wrote (it needs `ximrun run` first)."""
+    return Store(path, create=False, current=current)
 
 
 # An answer as stored: no separator spaces. One encoder for every call: json.dumps with options

@@ -42,7 +42,8 @@ class Summary:
     resumed: int = 0
     retried: int = 0
     kept_failed: int = 0
-    skipped_rows: int = 0
+    skipped_rows: int = 0  # manifest rows that could not become an image (no id and no path, ...)
+    skipped_first: str | None = None  # the first: "<manifest file name>:<line>: <why>"
     sent: int = 0
     done: int = 0
     failed: int = 0
@@ -68,6 +69,16 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def skipped(self, message: str, manifest: str | None) -> None:
+        """Count a skipped manifest row (sources.py's "<manifest>:<line>: <why>"), keeping the
+        first one with the manifest's file name only."""
+        self.skipped_rows += 1
+        if self.skipped_first is None:
+            if manifest and message.startswith(f"{manifest}:"):
+                name = manifest.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+                message = name + message[len(manifest):]
+            self.skipped_first = message
 
 
 ProgressFn = Callable[[Summary], None]

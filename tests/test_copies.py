@@ -56,7 +56,9 @@ def test_a_copy_that_arrives_during_the_commit_reuses_the_answer_for_free(run):
     rows = {r["key"]: r for r in export_rows(run.job)}
     assert {k: (r["state"], r["credits"], r["reused_from"]) for k, r in rows.items()} == {
         "lead": ("done", 10, None), "early": ("done", 0, "lead"), "late": ("done", 0, "lead")}
-    assert rows["late"]["result"] == rows["lead"]["result"]
+    # Each copy's record is its own (its _id), with the paying image's analysis.
+    for copy in ("early", "late"):
+        assert rows[copy]["result"] == {**rows["lead"]["result"], "_id": copy}
     assert run.waiting == {}
     s = run.summary
     assert (s.done, s.reused, s.credits, s.credits_saved) == (3, 2, 10, 20)

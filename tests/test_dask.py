@@ -69,7 +69,7 @@ def rows(job_file: Path) -> dict[str, dict]:
     for r in out.values():
         if r["result"]:
             r["result"]["_status"].pop("request_id", None)  # the emulator's, new every request
-            r["result"].pop("_id")  # a reused copy's is the key of the copy that was paid for
+            r["result"].pop("_id")  # each image's own key
     return out
 
 

@@ -50,7 +50,8 @@ def test_one_request_record_per_distinct_content_across_a_folder_and_s3(tmp_path
         paid = [r for r in copies if r["reused_from"] is None]
         assert len(paid) == 1 and paid[0]["credits"] == 10
         assert all(r["state"] == "done" and r["credits"] == 0 and r["reused_from"] == paid[0]["key"]
-                   and r["result"] == paid[0]["result"] for r in copies if r is not paid[0])
+                   and r["result"] == {**paid[0]["result"], "_id": r["key"]}
+                   for r in copies if r is not paid[0])
     st = status_json(job)
     assert st["reused"] == 4
     assert (st["credits"]["recorded"], st["credits"]["saved_by_reuse"]) == (40, 40)
@@ -185,4 +186,5 @@ def test_an_answer_stays_reusable_after_the_image_that_paid_for_it_changed(tmp_p
     assert Counter(e.content_sha256 for e in sandbox.ledger())[_sha(RED)] == 1
     row = export_rows(job)[str(folder / "late red.jpg")]
     assert row["state"] == "done" and row["credits"] == 0
-    assert row["result"] == export_rows(job)[str(folder / "red copy.jpg")]["result"]
+    other = export_rows(job)[str(folder / "red copy.jpg")]["result"]
+    assert row["result"] == {**other, "_id": row["key"]}  # its own identity, the same analysis

@@ -157,7 +157,7 @@ def test_csv_manifest_sends_ids_and_extra_columns_and_skips_a_malformed_row(tmp_
 
     assert res.exit_code == 0, res.output
     assert "catalog.csv:4:" in res.output  # the skipped row is named by its line
-    assert "skipped 1 manifest row" in res.output
+    assert "manifest rows skipped: 1, first at catalog.csv:4: 6 values" in res.output
     assert sorted(e.record_id for e in sandbox.ledger()) == ["card-1", "card-2", "card-3"]
     rows = export_rows(job)
     assert set(rows) == {"card-1", "card-2", "card-3"}

@@ -347,7 +347,8 @@ def test_csv_manifest_paths_urls_ids_extras_and_bad_rows(tmp_path: Path) -> None
     skipped: list[str] = []
     items = list(sources.list_items(SourceConfig(manifest=str(manifest)), on_skip=skipped.append))
     got = {i.key: i for i in items}
-    assert list(got) == ["sku-1", str(tmp_path / "b.jpg"), "sku-3", "sku-4", "sku-8"]
+    assert list(got) == ["sku-1", str(tmp_path / "b.jpg"), "sku-3", "sku-4", "sku-5", "sku-6",
+                         "sku-8"]
     a = got["sku-1"]
     assert a.uri == str(tmp_path / "imgs" / "a.jpg") and a.size == 4
     assert a.fingerprint == f"4:{(tmp_path / 'imgs' / 'a.jpg').stat().st_mtime_ns}"
@@ -358,9 +359,13 @@ def test_csv_manifest_paths_urls_ids_extras_and_bad_rows(tmp_path: Path) -> None
     assert web.uri == "https://cdn.example.com/x.jpg?v=2" and web.size is None
     assert web.fingerprint == "url:https://cdn.example.com/x.jpg?v=2"
     assert got["sku-8"].extra == {"brand": "", "price": ""}
-    assert [s.split(": ", 1)[0] for s in skipped] == [f"{manifest}:7", f"{manifest}:8", f"{manifest}:9"]
-    assert "no path or url" in skipped[0] and "no such file" in skipped[1]
-    assert "6 values" in skipped[2]
+    # Rows with an id but nothing to read are listed with their problem (failed, never sent).
+    assert got["sku-5"].problem == "missing: no path or url value"
+    assert got["sku-6"].problem == f"missing: {tmp_path / 'imgs' / 'missing.jpg'}"
+    assert got["sku-6"].extra == {"brand": "gone", "price": "4"}
+    assert all(got[k].problem is None for k in ("sku-1", "sku-3", "sku-4", "sku-8"))
+    assert [s.split(": ", 1)[0] for s in skipped] == [f"{manifest}:9"]
+    assert "6 values" in skipped[0]
 
 
 def test_jsonl_manifest_keeps_json_values_and_skips_bad_lines(tmp_path: Path, caplog) -> None:
@@ -392,11 +397,12 @@ def test_manifest_on_s3_resolves_relative_paths_against_its_prefix(s3_bucket) ->
           b'{"id": "b", "path": "imgs/missing.jpg"}\n')
     source = SourceConfig(manifest=b.url("catalog/list.ndjson"), storage_options=b.storage_options)
     skipped: list[str] = []
-    item, = sources.list_items(source, on_skip=skipped.append)
+    item, gone = sources.list_items(source, on_skip=skipped.append)
     etag = b.client.head_object(Bucket=b.name, Key="catalog/imgs/a.jpg")["ETag"].strip('"')
     assert (item.key, item.uri, item.fingerprint) == ("a", b.url("catalog/imgs/a.jpg"), f"3:{etag}")
     assert storage.read_bytes(item, source) == b"aaa"
-    assert len(skipped) == 1 and skipped[0].startswith(f"{source.manifest}:2: no such file")
+    assert gone.key == "b" and gone.problem == f"missing: {b.url('catalog/imgs/missing.jpg')}"
+    assert skipped == []
 
 
 def test_check_manifest_names_duplicate_ids_and_their_lines(tmp_path: Path) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -42,6 +42,10 @@ def status(job_file: str, as_json: bool) -> None:
             credit_line += (f" ({c['last_run_account_gap']:+d} against what was recorded: "
                             "see the run's warning)")
     lines.append(credit_line)
+    skipped = r["manifest_rows_skipped"]
+    if skipped["count"]:
+        lines.append(f"  manifest rows skipped by the last run: {skipped['count']}, first at "
+                     f"{skipped['first']} (they have no row)")
     unanswered = r["possibly_billed_without_answer"]
     if unanswered:
         keys = sorted({k for u in unanswered for k in u["keys"]})
@@ -69,34 +73,48 @@ def status(job_file: str, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+def _field_paths(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Any:
+    from runner.report import FieldPath
+
+    try:
+        return tuple(FieldPath.parse(v) for v in values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from runner.report import parse_since
+
+    try:
+        return None if value is None else parse_since(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
-              show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-              help="Write to this file instead of stdout.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default="jsonl",
+              show_default=True, help="parquet needs the `parquet` extra (pyarrow) and -o.")
+@click.option("-o", "--output", help="Write to this file or fsspec URL (s3://bucket/x.parquet) "
+              "instead of stdout; it appears only once complete.")
 @click.option("--state", type=click.Choice(list(STATES)), help="Only images in this state.")
+@click.option("--run", "run_id", type=click.IntRange(min=1),
+              help="Only images whose outcome run N recorded.")
+@click.option("--since", callback=_since,
+              help="Only images answered at or after this time (ISO 8601, UTC by default).")
+@click.option("--field", "fields", multiple=True, callback=_field_paths, metavar="NAME=PATH",
+              help="A column NAME with the value at PATH in the API's record "
+              "(dotted, integers index lists); repeatable.")
 @library_errors
-def export(job_file: str, fmt: str, output: str | None, state: str | None) -> None:
-    """One row per image: key, state, reason, credits, and the API's result."""
-    from runner.report import EXPORT_FIELDS, export_rows
+def export(job_file: str, fmt: str, output: str | None, state: str | None,
+           run_id: int | None, since: str | None, fields: tuple[Any, ...]) -> None:
+    """One row per image: key, source, manifest columns, state, credits, the API's record."""
+    from runner.export import write_export
+    from runner.report import open_export
 
     job = load(job_file, require_token=False)
-    rows = export_rows(job, state)
-    fh = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
-    try:
-        if fmt == "jsonl":
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        else:
-            w = csv.DictWriter(fh, fieldnames=EXPORT_FIELDS)
-            w.writeheader()
-            for row in rows:
-                row["result"] = json.dumps(row["result"]) if row["result"] is not None else ""
-                w.writerow(row)
-    finally:
-        if output:
-            fh.close()
+    exported = open_export(job, state, run=run_id, since=since, fields=fields)
+    write_export(exported, fmt, output, job.source, stdout=sys.stdout)
 
 
 @main.command()

@@ -131,7 +131,7 @@ def _print_summary(s: Any, as_json: bool) -> None:
     if s.missing:
         out.append(f"  missing {s.missing}: known images no longer listed by the sources")
     if s.skipped_rows:
-        out.append(f"  skipped {s.skipped_rows} manifest row(s); see the log above")
+        out.append(f"  manifest rows skipped: {s.skipped_rows}, first at {s.skipped_first}")
     if s.limits and not s.stopped_by:
         out.append("  limits: " + limits_text(s.limits))
     if s.message:
@@ -327,7 +327,9 @@ def _plan(job_file: str, as_json: bool) -> None:
         + (f"; unreadable {s.failed}" if s.failed else "") + "\n"
         f"  credits a run would cost: {s.credits}"
         + (f" (saved by reuse: {s.credits_saved})" if s.credits_saved else "")
-        + (f"; budget {s.budget}" if s.budget is not None else ""))
+        + (f"; budget {s.budget}" if s.budget is not None else "")
+        + (f"\n  manifest rows skipped: {s.skipped_rows}, first at {s.skipped_first}"
+           if s.skipped_rows else ""))
     for name, e in s.limits.items():
         if name == "duration":
             click.echo(f"  limit max_duration {e['limit']:g}s: when it ends, no new batch")
