@@ -26,7 +26,7 @@ from runner.classify import (
 from runner.commit import CommitStats, Database
 from runner.errors import DatabaseError
 from runner.records import Item, RecordOutcome
-from runner.schema import SCHEMA_VERSION, check_version, migrate
+from runner.schema import SCHEMA_VERSION, check_version, create_views, migrate
 
 RUN_COUNTERS = ("listed", "requests", "sent", "done", "failed", "rejected", "reused", "credits",
                 "credits_saved")
@@ -143,6 +143,7 @@ class Store:
             with self.db.lock:
                 if create:
                     migrate(self.db.conn, str(self.path))
+                    create_views(self.db.conn)
                 self.version = check_version(self.db.conn, str(self.path))
         except BaseException:
             self.db.close()

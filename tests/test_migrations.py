@@ -72,11 +72,11 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_every_answer(v1):
     db = v1 / "v1.db"
     before = rows(db)
     with Store(db) as store:
-        assert store.version == schema.SCHEMA_VERSION == 2
+        assert store.version == schema.SCHEMA_VERSION == 3
     after = rows(db)
     assert set(after) == set(before)
     version, steps = meta(db)
-    assert version == "2" and [v for v, _ in steps] == [1, 2]
+    assert version == "3" and [v for v, _ in steps] == [1, 2, 3]
     for key in ("SKU-1", "SKU-3"):  # paid answers are kept byte for byte
         assert after[key]["result"] == before[key]["result"]
         assert after[key]["credits"] == before[key]["credits"] == 10
@@ -87,8 +87,15 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_every_answer(v1):
     assert fixed == {k: v for k, v in paid.items() if k not in ("brand", "price")} | {"_id": "SKU-2"}
     assert after["SKU-2"]["reused_from"] == "SKU-1" and after["SKU-2"]["state"] == "done"
     with Store(db) as store:  # opening again changes nothing
-        assert store.version == 2
+        assert store.version == 3
     assert rows(db) == after
+    conn = sqlite3.connect(db)  # step 3: the runs' account_gap, unknown for the old runs
+    try:
+        assert {r[0] for r in conn.execute("SELECT account_gap FROM runs")} == {None}
+        views = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'view'")}
+        assert {"answers", "failures_by_reason", "credits_per_run"} <= views
+    finally:
+        conn.close()
 
 
 def test_run_upgrades_a_version_1_database_and_pays_nothing_again(v1):
@@ -155,13 +162,14 @@ def test_a_failing_step_leaves_the_database_at_the_previous_version(tmp_path, mo
 
     def broken(c: sqlite3.Connection) -> None:
         c.execute("ALTER TABLE items ADD COLUMN half_done TEXT")
-        raise RuntimeError("step 3 fails half way")
+        raise RuntimeError("the next step fails half way")
 
-    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, (3, "broken", broken)])
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", 3)
+    last = schema.SCHEMA_VERSION
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, (last + 1, "broken", broken)])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", last + 1)
     with pytest.raises(RuntimeError):
         Store(db)
-    assert meta(db)[0] == "2"
+    assert meta(db)[0] == str(last)
     conn = sqlite3.connect(db)
     cols = [r[1] for r in conn.execute("PRAGMA table_info(items)")]
     conn.close()

@@ -184,7 +184,7 @@ def test_every_option_reads_its_environment_variable(tmp_path, sandbox):
     assert res.exit_code == 3, res.output
     assert json.loads(res.stdout)["done"] == 1
     res = invoke("export", str(job), env={"XIMRUN_EXPORT_FORMAT": "csv"})
-    assert res.stdout.startswith("key,state,")
+    assert res.stdout.startswith("key,uri,state,")
     # The command line wins over the variable.
     res = invoke("export", str(job), "--format", "jsonl", env={"XIMRUN_EXPORT_FORMAT": "csv"})
     assert res.stdout.startswith("{")

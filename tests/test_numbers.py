@@ -198,19 +198,3 @@ def test_a_counter_that_agrees_is_no_warning(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["account_gap"] == 0
     assert "credit counter moved" not in res.stderr
-
-
-def test_an_older_database_gets_the_new_column(tmp_path):
-    from runner.schema import create_schema
-
-    conn = sqlite3.connect(tmp_path / "old.db")
-    conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, job TEXT NOT NULL, "
-                 "started_at TEXT NOT NULL, status TEXT NOT NULL, account_before INTEGER, "
-                 "account_after INTEGER)")
-    conn.execute("INSERT INTO runs (job, started_at, status) VALUES ('j', 'x', 'finished')")
-    create_schema(conn)
-    create_schema(conn)  # twice: nothing to add the second time
-    cols = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
-    assert cols.count("account_gap") == 1
-    assert conn.execute("SELECT account_gap FROM runs").fetchone() == (None,)
-    conn.close()
