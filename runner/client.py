@@ -27,7 +27,15 @@ from runner import __version__
 from runner.errors import AuthError, brief
 from runner.job import ApiConfig
 from runner.records import RecordOutcome, RequestRecord
-from runner.transport import AdaptiveLimit, environ_proxy, pool_manager, transport_error
+from runner.transport import (
+    AdaptiveLimit,
+    AnswerTooLarge,
+    Deadline,
+    environ_proxy,
+    pool_manager,
+    read_capped,
+    transport_error,
+)
 
 log = logging.getLogger("ximrun.client")
 
@@ -118,6 +126,7 @@ class _Reply:
     status: int | None = None
     retry_after: float | None = None
     records: tuple[tuple[RequestRecord, Mapping[str, Any]], ...] = ()
+    unmatched: tuple[RequestRecord, ...] = ()  # sent, but no answer is theirs with certainty
 
 
 class ApiClient:
@@ -126,6 +135,9 @@ class ApiClient:
     BACKOFF_BASE_S = 0.5
     BACKOFF_CAP_S = 30.0
     RETRY_AFTER_CAP_S = 120.0
+    # The largest answer read, decoded: a base plus a share per record sent (docs/api-protocol.md).
+    ANSWER_BASE_BYTES = 4 * 1024 * 1024
+    ANSWER_PER_RECORD_BYTES = 2 * 1024 * 1024
 
     def __init__(self, endpoint_url: str, token: str, api: ApiConfig, *,
                  fields: Mapping[str, Any] | None = None, stop: threading.Event | None = None,
@@ -138,6 +150,7 @@ class ApiClient:
         self.fields = dict(api.fields if fields is None else fields)
         self.limit = AdaptiveLimit(max(1, api.concurrency))
         self._token = token
+        self._refused: AuthError | None = None  # after a 401/403 nothing more is sent
         self._stop = stop
         self._sleep = sleep
         self._timeout = (api.connect_timeout_s, api.timeout_s)
@@ -177,19 +190,23 @@ class ApiClient:
     def account_details(self) -> dict[str, Any] | None:
         """The account's details (credits), or None if the API does not offer them."""
         url = self.base_url + ACCOUNT_PATH
+        self._check_refused()
         try:
-            resp = self._http.urlopen("GET", url, headers=self._headers, redirect=False)
-        except TransportError as exc:
-            reason = transport_error(exc, self._timeout)
+            with Deadline(self.api.timeout_s) as deadline:
+                resp = self._http.urlopen("GET", url, headers=self._headers, redirect=False,
+                                          preload_content=False)
+                data = read_capped(resp, self.ANSWER_BASE_BYTES)
+        except (TransportError, AnswerTooLarge) as exc:
+            reason = self._transport_reason(exc, deadline)
             log.debug("account details unavailable: %s", self._redact(reason))
             return None
         if resp.status in (401, 403):
-            raise AuthError(self._auth_message(resp))
+            self._refuse(AuthError(self._auth_message(resp, data)))
         if not 200 <= resp.status < 300:
             log.debug("account details unavailable: http %d", resp.status)
             return None
         try:
-            body = json.loads(resp.data)
+            body = json.loads(data)
         except ValueError:
             log.debug("account details unavailable: the answer is not JSON")
             return None
@@ -266,6 +283,10 @@ class ApiClient:
         """Record each answered record's outcome; return the records to send again."""
         again: list[RequestRecord] = []
         throttled = False
+        for r in answer.unmatched:
+            batch.last_error[r.id] = ("bad answer: no record with this _id in the answer",
+                                      answer.status)
+            again.append(r)
         for r, rec in answer.records:
             code, text = _record_status(rec)
             if code is None:
@@ -316,31 +337,59 @@ class ApiClient:
 
     # --- one HTTP request -----------------------------------------------------------------------
 
+    def _check_refused(self) -> None:
+        """Once the API has refused the token, nothing more leaves (other threads included)."""
+        if self._refused is not None:
+            raise AuthError(str(self._refused))
+
+    def _refuse(self, exc: AuthError) -> None:
+        """The request just sent was refused (not billed): remember it and raise."""
+        exc.refused_request = True
+        if self._refused is None:
+            self._refused = exc
+        raise exc
+
+    def _transport_reason(self, exc: BaseException, deadline: Deadline) -> str:
+        if deadline.expired:
+            return f"timeout after {self.api.timeout_s:g}s"
+        if isinstance(exc, AnswerTooLarge):
+            return f"bad answer: {exc}"
+        assert isinstance(exc, TransportError)
+        return transport_error(exc, self._timeout)
+
     def _request(self, batch: _Submission, group: list[RequestRecord]) -> _Reply:
+        self._check_refused()
         batch.requests += 1
         for r in group:
             batch.attempts[r.id] = batch.attempts.get(r.id, 0) + 1
         if batch.on_attempt is not None:
             batch.on_attempt([r.id for r in group], batch.requests)
+        body = build_body(group, self.fields)
+        cap = self.ANSWER_BASE_BYTES + self.ANSWER_PER_RECORD_BYTES * len(group)
         try:
-            # No redirects: a redirected POST would become a GET without its body. The pool
-            # never retries on its own (retries=False): every try is counted here.
-            resp = self._http.urlopen("POST", self.endpoint_url, body=build_body(group, self.fields),
-                                      headers=self._headers, redirect=False)
-        except TransportError as exc:
+            # timeout_s bounds the whole request, not only each socket read: a server dripping
+            # its answer cannot hold the request (or a stop waiting for it) any longer.
+            with Deadline(self.api.timeout_s) as deadline:
+                # No redirects: a redirected POST would become a GET without its body. The pool
+                # never retries on its own (retries=False): every try is counted here.
+                resp = self._http.urlopen("POST", self.endpoint_url, body=body,
+                                          headers=self._headers, redirect=False,
+                                          preload_content=False)
+                data = read_capped(resp, cap)
+        except (TransportError, AnswerTooLarge) as exc:
             # urllib3 already replaces a pooled connection found dead before sending; what reaches
             # here may have been sent and billed, so it counts as an attempt like any other.
-            return _Reply("retry", error=self._redact(transport_error(exc, self._timeout)))
-        return self._read_answer(resp, group)
+            return _Reply("retry", error=self._redact(self._transport_reason(exc, deadline)))
+        return self._read_answer(resp, data, group)
 
-    def _read_answer(self, resp: urllib3.BaseHTTPResponse, group: list[RequestRecord]
-                     ) -> _Reply:
+    def _read_answer(self, resp: urllib3.BaseHTTPResponse, data: bytes,
+                     group: list[RequestRecord]) -> _Reply:
         code = resp.status
         if code in (401, 403):
-            raise AuthError(self._auth_message(resp))
+            self._refuse(AuthError(self._auth_message(resp, data)))
         body: Any = None
         try:
-            body = json.loads(resp.data)
+            body = json.loads(data)
         except ValueError:
             pass  # a proxy's HTML page: judged by its status code below
         if 200 <= code < 300 and isinstance(body, dict) and isinstance(body.get("records"), list):
@@ -348,8 +397,10 @@ class ApiClient:
             if matched is None:
                 return _Reply("retry", status=code, error=(
                     f"bad answer: {len(body['records'])} records for {len(group)} sent"))
-            self.limit.on_success()
-            return _Reply("records", status=code, records=matched)
+            pairs, unmatched = matched
+            if not unmatched:
+                self.limit.on_success()
+            return _Reply("records", status=code, records=pairs, unmatched=unmatched)
         if 200 <= code < 300:
             # Some answers carry the error in the body's own `status`; otherwise it is garbage.
             inner = _body_status(body)
@@ -357,9 +408,9 @@ class ApiClient:
                 what = "no records" if isinstance(body, dict) else "not JSON"
                 return _Reply("retry", status=code, error=f"bad answer: http {code} with {what}")
             if inner in (401, 403):
-                raise AuthError(self._auth_message(resp, inner))
+                self._refuse(AuthError(self._auth_message(resp, data, inner)))
             code = inner
-        error = f"http {code}: {self._redact(_detail(resp, body))}"
+        error = f"http {code}: {self._redact(_detail(resp, data, body))}"
         if 300 <= code < 400:
             where = self._redact(resp.headers.get("Location", "?"))
             error = f"http {code}: redirected to {where}; check api.endpoint"
@@ -370,17 +421,18 @@ class ApiClient:
                            retry_after=parse_retry_after(resp.headers.get("Retry-After")))
         if code in BISECT_HTTP:
             return _Reply("bisect", status=code,
-                           error=f"api {code}: {self._redact(_detail(resp, body))}")
+                           error=f"api {code}: {self._redact(_detail(resp, data, body))}")
         return _Reply("fail", status=code, error=error)
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _auth_message(self, resp: urllib3.BaseHTTPResponse, code: int | None = None) -> str:
+    def _auth_message(self, resp: urllib3.BaseHTTPResponse, data: bytes,
+                      code: int | None = None) -> str:
         try:
-            body = json.loads(resp.data)
+            body = json.loads(data)
         except ValueError:
             body = None
-        detail = self._redact(_detail(resp, body))
+        detail = self._redact(_detail(resp, data, body))
         return (f"the API refused the token (HTTP {code or resp.status}): {detail}; "
                 "check the token variable named in api.token_env")
 
@@ -394,21 +446,41 @@ class ApiClient:
 
 
 def _match(group: list[RequestRecord], out: list[Any]
-           ) -> tuple[tuple[RequestRecord, Mapping[str, Any]], ...] | None:
-    """Pair each sent record with its answer: by `_id`, else by position; None if counts differ."""
+           ) -> tuple[tuple[tuple[RequestRecord, Mapping[str, Any]], ...],
+                      tuple[RequestRecord, ...]] | None:
+    """Pair each sent record with its answer: (pairs, records left without an answer).
+
+    By `_id` whenever the answer carries any: a record gets the one answer holding its `_id`, and
+    a record with none (or with two) is left unmatched, to be sent again: an answer is never
+    stored on another image. By position only when no answer carries an `_id` at all (a server
+    that does not echo `_id`). None: the counts differ or a record is not an object.
+    """
     if len(out) != len(group) or not all(isinstance(o, dict) for o in out):
         return None
-    sent = [r.id for r in group]
-    got = [o.get("_id") for o in out]
-    if got == sent:
-        return tuple(zip(group, out, strict=True))
-    if len(set(sent)) == len(sent) and sorted(map(str, got)) == sorted(sent) and \
-            all(isinstance(g, str) for g in got):
+    if not any("_id" in o for o in out):
+        log.info("the answer's records carry no _id; matched by position")
+        return tuple(zip(group, out, strict=True)), ()
+    by_id: dict[str, list[Mapping[str, Any]]] = {}
+    for o in out:
+        if isinstance(o.get("_id"), str):
+            by_id.setdefault(o["_id"], []).append(o)
+    sent_count: dict[str, int] = {}
+    for r in group:
+        sent_count[r.id] = sent_count.get(r.id, 0) + 1
+    pairs: list[tuple[RequestRecord, Mapping[str, Any]]] = []
+    unmatched: list[RequestRecord] = []
+    for r in group:
+        found = by_id.get(r.id, [])
+        if len(found) == 1 and sent_count[r.id] == 1:
+            pairs.append((r, found[0]))
+        else:
+            unmatched.append(r)
+    if unmatched:
+        log.info("the answer's _id values do not match those sent: %d of %d record(s) without "
+                 "an answer of their own", len(unmatched), len(group))
+    elif [o.get("_id") for o in out] != [r.id for r in group]:
         log.debug("the answer's records are out of order; matched by _id")
-        by_id = {o["_id"]: o for o in out}
-        return tuple((r, by_id[r.id]) for r in group)
-    log.info("the answer's _id values do not match those sent; matched by position")
-    return tuple(zip(group, out, strict=True))
+    return tuple(pairs), tuple(unmatched)
 
 
 def _record_status(rec: Mapping[str, Any]) -> tuple[int | None, str]:
@@ -449,7 +521,7 @@ def _body_status(body: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _detail(resp: urllib3.BaseHTTPResponse, body: Any) -> str:
+def _detail(resp: urllib3.BaseHTTPResponse, data: bytes, body: Any) -> str:
     """A short reason from an error answer: its JSON detail, or the first words of its text."""
     if isinstance(body, dict):
         for key in ("detail", "message", "error"):
@@ -458,7 +530,7 @@ def _detail(resp: urllib3.BaseHTTPResponse, body: Any) -> str:
         status = body.get("status")
         if isinstance(status, Mapping) and status.get("text"):
             return brief(str(status["text"]))
-    text = _text_of_body(resp)
+    text = _text_of_body(resp, data)
     title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
     if title:
         text = title.group(1)
@@ -466,13 +538,13 @@ def _detail(resp: urllib3.BaseHTTPResponse, body: Any) -> str:
     return brief(text) or (resp.reason or "no detail")
 
 
-def _text_of_body(resp: urllib3.BaseHTTPResponse) -> str:
+def _text_of_body(resp: urllib3.BaseHTTPResponse, data: bytes) -> str:
     """The answer's body as text, in the charset its Content-Type names (else UTF-8)."""
     match = re.search(r"charset=([\w.:-]+)", resp.headers.get("Content-Type", ""), re.I)
     try:
-        return resp.data.decode(match.group(1) if match else "utf-8", errors="replace")
+        return data.decode(match.group(1) if match else "utf-8", errors="replace")
     except LookupError:  # a charset Python does not know
-        return resp.data.decode("utf-8", errors="replace")
+        return data.decode("utf-8", errors="replace")
 
 
 def _retry_reason(batch: _Submission, records: Sequence[RequestRecord]) -> str:

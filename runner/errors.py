@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     STOPPED = 3  # stopped early by the budget or --limit; the next run continues
     INTERRUPTED = 4  # SIGINT/SIGTERM after a clean checkpoint; the next run continues
     AUTH = 5  # the API refused the token; nothing more was sent
+    DATABASE = 74  # the state database cannot be opened, read or written (EX_IOERR)
     LOCKED = 75  # another run of the same state database is in progress
     ABORTED = 130  # a second Ctrl-C, or a signal while a command other than run started
 
@@ -40,6 +41,9 @@ class AuthError(RunnerError):
     """The API refused the token (401/403); nothing more may be sent."""
 
     exit_code = ExitCode.AUTH
+    # True when raised for a request that was sent and refused (not billed); False when raised
+    # before sending, because an earlier request was refused.
+    refused_request = False
 
 
 class LockedError(RunnerError):
@@ -56,6 +60,13 @@ class StateError(RunnerError):
     """The state database is not there (nothing has run yet) or cannot be used."""
 
     exit_code = ExitCode.FAILURES
+
+
+class DatabaseError(StateError):
+    """The state database cannot be opened, read or written: a folder, not a database, corrupt,
+    read-only, a full disk. The message names the file and what to do."""
+
+    exit_code = ExitCode.DATABASE
 
 
 class ReadError(RunnerError):

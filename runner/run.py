@@ -278,8 +278,13 @@ class Run:
 
         try:
             outcomes = submit_prepared(self.job, self.client, batch, on_attempt)
-        except AuthError:
+        except AuthError as exc:
             self.unreserve(len(batch))
+            if exc.refused_request and requests:
+                # The refused request was not billed: not "possibly billed" in status.
+                self.store.drop_attempt(self.run_id, batch_no, requests)
+                with self._lock:
+                    self.summary.requests -= 1
             raise
         return self.record_answers(batch_no, batch, outcomes)
 

@@ -359,6 +359,17 @@ class Store:
         the row is committed."""
         self.db.write_waited("record_attempt", self._attempt_row(job, run_id, batch, attempt, keys))
 
+    def drop_attempt(self, run_id: int, batch: int, attempt: int) -> None:
+        """A request the API refused (401/403) was not billed: its row is deleted, so that status
+        does not list its images as possibly billed."""
+        def drop(c: sqlite3.Connection) -> None:
+            cur = c.execute("DELETE FROM attempts WHERE run_id = ? AND batch = ? AND attempt = ? "
+                            "AND closed_at IS NULL", (run_id, batch, attempt))
+            if cur.rowcount:
+                self._counts.add(run_id, requests=-cur.rowcount)
+
+        self.db.write_waited("drop_attempt", drop)
+
     def _attempt_row(self, job: str, run_id: int, batch: int, attempt: int,
                      keys: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
         row = (run_id, job, batch, attempt, json.dumps(list(keys)), len(keys), utcnow())

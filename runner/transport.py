@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.request
@@ -99,6 +100,117 @@ class AdaptiveLimit:
                 self._cond.notify()
 
 
+_current = threading.local()
+
+
+class Deadline:
+    """A whole request's time limit (connect, send and the answer's last byte), not one socket
+    read's: past it the request's socket is shut down, so a server dripping a byte at a time
+    cannot keep a request (or a stop waiting for it) open. Use as a context manager around the
+    request and the reading of its answer, on the thread that makes the request."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._conn: Any = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Deadline:
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _current.deadline = None
+        with self._lock:
+            self._conn = None
+
+    def attach(self, conn: Any) -> None:
+        """The connection carrying the request (called by the connection itself)."""
+        with self._lock:
+            self._conn = conn
+            if self.expired:
+                _shut(conn)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._conn is not None:
+                _shut(self._conn)
+
+
+def _shut(conn: Any) -> None:
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _DeadlineConnection:
+    """Mixed into urllib3's connections: tells the thread's Deadline which connection to cut."""
+
+    def connect(self) -> None:
+        deadline = getattr(_current, "deadline", None)
+        if deadline is not None:
+            deadline.attach(self)
+        super().connect()  # type: ignore[misc]
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        deadline = getattr(_current, "deadline", None)
+        if deadline is not None:
+            deadline.attach(self)
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _HTTPConnection(_DeadlineConnection, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_DeadlineConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class AnswerTooLarge(Exception):
+    """An answer's decoded body passed its cap."""
+
+
+def read_capped(resp: urllib3.BaseHTTPResponse, cap: int) -> bytes:
+    """The answer's body, decoded (gzip, deflate), read a bounded piece at a time: never more
+    than `cap` bytes decoded (AnswerTooLarge), so a huge or decompression-bomb answer cannot fill
+    memory. The connection goes back to the pool only after a complete read."""
+    chunks: list[bytes] = []
+    total = 0
+    complete = False
+    try:
+        while True:
+            chunk = resp.read(64 * 1024, decode_content=True)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > cap:
+                raise AnswerTooLarge(f"answer over {cap} bytes decoded")
+            chunks.append(chunk)
+        complete = True
+    finally:
+        if not complete:
+            resp.close()
+        resp.release_conn()
+    return b"".join(chunks)
+
+
 def transport_error(exc: TransportError, timeout: tuple[float, float]) -> str:
     """What went wrong with a request, in a few words, from urllib3's exception."""
     if isinstance(exc, (NewConnectionError, ProxyError)):  # the API or the proxy unreachable
@@ -141,7 +253,7 @@ def pool_manager(endpoint_url: str, size: int, timeout: tuple[float, float],
         ca = certifi.where()
     kw["ca_certs" if os.path.isfile(ca) else "ca_cert_dir"] = ca
     if proxy is None:
-        return urllib3.PoolManager(**kw)
+        return _with_deadlines(urllib3.PoolManager(**kw))
     parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     if parts.scheme not in ("http", "https"):
         raise JobError(f"the proxy for {endpoint_url} is {parts.scheme}://...: ximrun speaks "
@@ -155,7 +267,13 @@ def pool_manager(endpoint_url: str, size: int, timeout: tuple[float, float],
         netloc = f"[{netloc}]"
     if parts.port:
         netloc += f":{parts.port}"
-    return urllib3.ProxyManager(f"{parts.scheme}://{netloc}", proxy_headers=headers, **kw)
+    return _with_deadlines(urllib3.ProxyManager(f"{parts.scheme}://{netloc}",
+                                                proxy_headers=headers, **kw))
+
+
+def _with_deadlines(manager: urllib3.PoolManager) -> urllib3.PoolManager:
+    manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+    return manager
 
 
 def environ_proxy(url: str) -> str | None:
