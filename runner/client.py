@@ -26,7 +26,7 @@ from urllib3.exceptions import HTTPError as TransportError
 from runner import __version__
 from runner.errors import AuthError, brief
 from runner.job import ApiConfig
-from runner.records import RecordOutcome, RequestRecord
+from runner.records import RecordOutcome, RequestRecord, json_text_safe
 from runner.transport import (
     AdaptiveLimit,
     AnswerTooLarge,
@@ -508,8 +508,9 @@ def _has_content(rec: Mapping[str, Any], sent: RequestRecord) -> bool:
 
 
 def _clean(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """The record to keep: never an echoed upload."""
-    return {k: v for k, v in rec.items() if k != "_base64"}
+    """The record to keep: never an echoed upload; lone surrogates (a JSON "\\ud800") escaped,
+    as in keys (records.text_safe), so that it can be stored and printed as UTF-8."""
+    return json_text_safe({k: v for k, v in rec.items() if k != "_base64"})
 
 
 def _body_status(body: Any) -> int | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from runner.errors import SourceError, brief
 from runner.job import SourceConfig, is_url
-from runner.records import Item
+from runner.records import Item, text_safe
 from runner.storage import HTTP, LOCAL, fingerprint_of, fs_for, listing_reason, protocol
 
 log = logging.getLogger("ximrun.sources")
@@ -96,19 +96,23 @@ def _stat_target(t: _Target, source: SourceConfig) -> Item | str:
         return Item(key=t.key, uri=t.uri, size=None, fingerprint=f"url:{t.uri}", extra=t.extra)
     try:
         if scheme in LOCAL:
+            if not source.follow_symlinks and os.path.islink(t.uri):
+                return f"{text_safe(t.uri)} is a symlink (source.follow_symlinks = false)"
             st = os.stat(t.uri)
             if stat.S_ISDIR(st.st_mode):
-                return f"{t.uri} is a folder"
+                return f"{text_safe(t.uri)} is a folder"
+            if not stat.S_ISREG(st.st_mode):
+                return f"{text_safe(t.uri)} is not a regular file (a device, FIFO or socket)"
             return Item(key=t.key, uri=t.uri, size=st.st_size,
                         fingerprint=f"{st.st_size}:{st.st_mtime_ns}", extra=t.extra)
         fs, path = fs_for(t.uri, source)
         info = fs.info(path)
     except FileNotFoundError:
-        return f"no such file: {t.uri}"
+        return f"no such file: {text_safe(t.uri)}"
     except PermissionError:
-        return f"access denied: {t.uri}"
+        return f"access denied: {text_safe(t.uri)}"
     except Exception as exc:  # one unreadable row must not stop the listing
-        return f"cannot stat {t.uri}: {brief(exc)}"
+        return text_safe(f"cannot stat {t.uri}: {brief(exc)}")
     if info.get("type") != "file":
         return f"{t.uri} is a folder"
     return Item(key=t.key, uri=t.uri, size=info.get("size"), fingerprint=fingerprint_of(info),
@@ -144,7 +148,8 @@ def _row_target(fields: Mapping[str, Any], base: str) -> _Target | str:
     ident = "" if raw_id is None else str(raw_id).strip()
     uri = _resolve(where, base)
     extra = {k: v for k, v in fields.items() if k.strip() and k.strip().lower() not in _RESERVED}
-    return _Target(uri=uri, key=ident or uri, has_id=bool(ident), extra=extra)
+    # The key as text SQLite can hold: a lone surrogate (a JSON "\ud800") is escaped.
+    return _Target(uri=uri, key=text_safe(ident or uri), has_id=bool(ident), extra=extra)
 
 
 def _resolve(where: str, base: str) -> str:
@@ -203,7 +208,19 @@ def _csv_rows(manifest: str, handle: Iterable[bytes]) -> Iterator[tuple[int, dic
     reader = csv.reader(_decoded_lines(handle, bad))
     header: list[str] | None = None
     end = 0
-    for values in reader:
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            # A cell over the csv module's field limit (or a stray quote): this row, not the
+            # manifest, is malformed.
+            start, end = end + 1, reader.line_num
+            if header is None:
+                raise SourceError(f"{manifest}: the header cannot be parsed: {brief(exc)}") from None
+            yield start, f"cannot be parsed: {brief(exc)}"
+            continue
         start, end = end + 1, reader.line_num
         if not values:
             continue
@@ -212,6 +229,7 @@ def _csv_rows(manifest: str, handle: Iterable[bytes]) -> Iterator[tuple[int, dic
             if not {"path", "url"} & {h.lower() for h in header}:
                 raise SourceError(f"{manifest}: the header has neither a path nor a url column "
                                   f"(columns: {', '.join(header)})")
+            _refuse_reserved(manifest, header, 1)
             continue
         if bad & set(range(start, end + 1)):
             yield start, "not valid UTF-8"
@@ -240,7 +258,18 @@ def _jsonl_rows(manifest: str, handle: Iterable[bytes]) -> Iterator[tuple[int, d
         if not isinstance(row, dict):
             yield number, f"a JSON object was expected, got {type(row).__name__}"
         else:
+            _refuse_reserved(manifest, row, number)
             yield number, row
+
+
+def _refuse_reserved(manifest: str, columns: Iterable[str], line: int) -> None:
+    """A column named like a field ximrun builds (`_id`, `_url`, `_base64`, anything starting
+    with `_`) would be sent inside the record: the manifest is refused before anything is sent."""
+    for name in columns:
+        if str(name).strip().startswith("_"):
+            raise SourceError(f"{manifest}:{line}: the column {text_safe(str(name))!r} is named "
+                              "like a field of the request record (names starting with '_' are "
+                              "reserved); rename or drop it")
 
 
 def check_manifest(source: SourceConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +10,35 @@ from typing import Any
 # Final and non-final states of an image (docs/contract.md, "Image states").
 PENDING, DONE, FAILED, REJECTED = "pending", "done", "failed", "rejected"
 STATES = (PENDING, DONE, FAILED, REJECTED)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    # U+DC80..U+DCFF is how Python carries an undecodable byte of a file name (surrogateescape).
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def text_safe(text: str) -> str:
+    """Text SQLite (and UTF-8 output) can hold: a file name byte that is not UTF-8 becomes
+    `\\xNN` (its value in hex), any other lone surrogate (a JSON `\\ud800`) `\\uNNNN`; valid text
+    is returned unchanged (docs/schema.md, "Keys")."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return _SURROGATE.sub(_escape_surrogate, text)
+
+
+def json_text_safe(value: Any) -> Any:
+    """A JSON value (an API's answer) with every string, keys included, made text_safe."""
+    if isinstance(value, str):
+        return text_safe(value)
+    if isinstance(value, dict):
+        return {text_safe(k) if isinstance(k, str) else k: json_text_safe(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_text_safe(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)

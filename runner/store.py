@@ -24,7 +24,7 @@ from runner.classify import (
     decide,
 )
 from runner.commit import CommitStats, Database
-from runner.records import Item, RecordOutcome
+from runner.records import Item, RecordOutcome, text_safe
 from runner.schema import create_schema
 
 RUN_COUNTERS = ("listed", "requests", "sent", "done", "failed", "rejected", "reused", "credits",
@@ -231,7 +231,9 @@ class Store:
             # The previous answer stays with its content hash and request signature: if the
             # bytes turn out unchanged (a touched file), find_answer reuses it for free.
             "state = 'pending', reason = NULL, updated_at = excluded.updated_at",
-            [(job, x.item.key, x.item.uri, x.item.size, x.item.fingerprint, run_id, now, now)
+            # uri as text SQLite can hold; the key already is (sources.py, manifest.py).
+            [(job, x.item.key, text_safe(x.item.uri), x.item.size, x.item.fingerprint, run_id,
+              now, now)
              for x in out.listed if x.kind in (NEW, CHANGED, CHANGED_REQUEST)])
         self._counts.add(run_id, listed=len(items))
         return out
@@ -278,7 +280,7 @@ class Store:
             c.executemany(
                 "UPDATE items SET state = 'rejected', reason = ?, prep_sig = ?, updated_at = ? "
                 "WHERE job = ? AND key = ?",
-                [(reason, prep_sig, now, job, it.key) for it, reason in rejected])
+                [(text_safe(reason), prep_sig, now, job, it.key) for it, reason in rejected])
             self._counts.add(run_id, rejected=len(rejected))
 
         self.db.write(mark)
@@ -292,7 +294,7 @@ class Store:
         def mark(c: sqlite3.Connection) -> None:
             c.executemany("UPDATE items SET state = 'failed', reason = ?, updated_at = ? "
                           "WHERE job = ? AND key = ?",
-                          [(reason, now, job, it.key) for it, reason in failed])
+                          [(text_safe(reason), now, job, it.key) for it, reason in failed])
             self._counts.add(run_id, failed=len(failed))
 
         self.db.write(mark)
@@ -409,11 +411,13 @@ class Store:
                     rows_followers.append((a.item.key, job, f.key))
             else:
                 failed += 1
-                rows_failed.append((o.reason, result, a.content_hash, o.attempts, now, job,
+                # The API's text may hold a lone surrogate (a JSON "\ud800"): stored escaped.
+                reason = text_safe(o.reason) if o.reason is not None else None
+                rows_failed.append((reason, result, a.content_hash, o.attempts, now, job,
                                     a.item.key))
                 for f in a.followers:
                     failed += 1
-                    rows_failed.append((f"same bytes as {a.item.key}: {o.reason}", None,
+                    rows_failed.append((f"same bytes as {a.item.key}: {reason}", None,
                                         a.content_hash, 0, now, job, f.key))
 
         def record(c: sqlite3.Connection) -> None:
