@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from runner.commit import check_db_path, readonly_uri, storage_errors
 from runner.errors import StateError
 from runner.job import Job
 from runner.records import DONE, FAILED, PENDING, REJECTED, STATES
@@ -121,10 +122,14 @@ def stored_rows(path: Path, job: str, state: str | None = None) -> Iterator[dict
         args.append(state)
     q += " ORDER BY key"
     # A separate cursor on a read-only connection streams without holding the writer's lock.
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    check_db_path(path)
+    with storage_errors(path):
+        conn = sqlite3.connect(readonly_uri(path), uri=True, timeout=30)
     conn.row_factory = sqlite3.Row
     try:
-        for row in conn.execute(q, args):
+        with storage_errors(path):
+            rows = conn.execute(q, args)
+        for row in _mapped_rows(rows, path):
             d = dict(row)
             # A pending image's previous answer is kept for reuse, but it is not its answer.
             pending = d["state"] == "pending"
@@ -133,6 +138,16 @@ def stored_rows(path: Path, job: str, state: str | None = None) -> Iterator[dict
             yield d
     finally:
         conn.close()
+
+
+def _mapped_rows(rows: Iterator[Any], path: Path) -> Iterator[Any]:
+    """The rows, a storage error met on the way (a corrupt page) raised as DatabaseError."""
+    while True:
+        with storage_errors(path):
+            row = next(rows, None)
+        if row is None:
+            return
+        yield row
 
 
 def retry_failed(job: Job, reason_like: str | None = None) -> int:

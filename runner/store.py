@@ -81,10 +81,15 @@ class Store:
         self.db = Database(path, create=create, deferred=self._counts)
         self.path = self.db.path
         self._listed_all: str | None = None  # the job whose every row this run listed
-        self._json_each = _has_json_each(self.db.conn)
-        if create:
-            with self.db.lock:
-                create_schema(self.db.conn)
+        try:
+            with self.db.mapped():
+                self._json_each = _has_json_each(self.db.conn)
+                if create:
+                    with self.db.lock:
+                        create_schema(self.db.conn)
+        except BaseException:
+            self.db.close()
+            raise
 
     @property
     def stats(self) -> CommitStats:
