@@ -408,7 +408,8 @@ SANDBOX_HELP = {
     "credits_per_record": "What one answered record costs.",
     "max_records": "Records per request at most.",
     "max_image_bytes": "Larger images get a per-record 413 (0: no limit).",
-    "token": "The only token accepted (default: any).",
+    "token": "The only token accepted (default: any). Better from the environment variable "
+             "XIMRUN_SANDBOX_TOKEN: a command line shows in ps.",
     "seed": "Seed of the random faults, so a run can be replayed.",
 }
 
@@ -418,8 +419,11 @@ def _sandbox_options(f: Any) -> Any:
     for fld in reversed(dataclasses.fields(SandboxSettings)):
         opt = "--" + fld.name.replace("_", "-")
         kind = {"float": float, "int": int}.get(str(fld.type), str)
+        # The token is a secret: a command line is visible to every user in `ps`.
+        env = {"envvar": "XIMRUN_SANDBOX_TOKEN", "show_envvar": True} if fld.name == "token" \
+            else {}
         f = click.option(opt, fld.name, type=kind, default=fld.default, show_default=True,
-                         help=SANDBOX_HELP.get(fld.name))(f)
+                         help=SANDBOX_HELP.get(fld.name), **env)(f)
     return f
 
 

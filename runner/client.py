@@ -26,7 +26,15 @@ from urllib3.exceptions import HTTPError as TransportError
 from runner import __version__
 from runner.errors import AuthError, brief
 from runner.job import ApiConfig
-from runner.records import RecordOutcome, RequestRecord, json_text_safe
+from runner.records import (
+    REDACTED,
+    SECRET_PARAM,
+    RecordOutcome,
+    RequestRecord,
+    json_text_safe,
+    text_without_secret_urls,
+    url_without_secrets,
+)
 from runner.transport import (
     AdaptiveLimit,
     AnswerTooLarge,
@@ -150,6 +158,9 @@ class ApiClient:
         self.fields = dict(api.fields if fields is None else fields)
         self.limit = AdaptiveLimit(max(1, api.concurrency))
         self._token = token
+        # What of the endpoint URL is secret (a password, an api_key value): never stored.
+        self._url_secrets = _url_secrets(endpoint_url)
+        self.shown_endpoint = url_without_secrets(endpoint_url)
         self._refused: AuthError | None = None  # after a 401/403 nothing more is sent
         self._stop = stop
         self._sleep = sleep
@@ -161,7 +172,7 @@ class ApiClient:
                                    None if direct else environ_proxy(endpoint_url))
 
     def __repr__(self) -> str:  # the token stays out of reprs and tracebacks
-        return f"ApiClient({self.endpoint_url!r})"
+        return f"ApiClient({self.shown_endpoint!r})"
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -292,7 +303,7 @@ class ApiClient:
             if code is None:
                 if _has_content(rec, r):
                     # No `_status`, but the service answered with content: trust the HTTP 2xx.
-                    self._set_outcome(batch, r, ok=True, record=_clean(rec), status=answer.status)
+                    self._set_outcome(batch, r, ok=True, record=self._clean(rec), status=answer.status)
                 else:
                     batch.last_error[r.id] = ("bad answer: record without status or content",
                                               answer.status)
@@ -300,13 +311,13 @@ class ApiClient:
                 continue
             reason = f"api {code}: {self._redact(text)}" if text else f"api {code}"
             if 200 <= code < 300:
-                self._set_outcome(batch, r, ok=True, record=_clean(rec), status=code)
+                self._set_outcome(batch, r, ok=True, record=self._clean(rec), status=code)
             elif _is_retryable(code):
                 throttled = throttled or code == 429
                 batch.last_error[r.id] = (reason, code)
                 again.append(r)
             else:
-                self._set_outcome(batch, r, ok=False, record=_clean(rec), reason=reason, status=code,
+                self._set_outcome(batch, r, ok=False, record=self._clean(rec), reason=reason, status=code,
                              too_large=code == 413)
         if throttled:
             self.limit.on_throttle()
@@ -437,9 +448,28 @@ class ApiClient:
                 "check the token variable named in api.token_env")
 
     def _redact(self, text: str) -> str:
+        """A text to store, log or show: the token, the endpoint's own secrets (a password,
+        an api_key in its query) and the secrets of any URL in it removed."""
         if self._token and len(self._token) >= 4:
             text = text.replace(self._token, "<token>")
-        return text
+        for secret in self._url_secrets:
+            text = text.replace(secret, REDACTED)
+        return text_without_secret_urls(text)
+
+    def _clean(self, rec: Mapping[str, Any]) -> dict[str, Any]:
+        """The record to keep: never an echoed upload; every string redacted like a reason (an
+        error text echoing the token, an echoed presigned `_url`) and lone surrogates escaped
+        (records.text_safe), so that it can be stored and printed as UTF-8."""
+        return self._scrub(json_text_safe({k: v for k, v in rec.items() if k != "_base64"}))
+
+    def _scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._redact(value)
+        if isinstance(value, dict):
+            return {self._scrub(k): self._scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._scrub(v) for v in value]
+        return value
 
 
 # --- answers --------------------------------------------------------------------------------------
@@ -483,6 +513,24 @@ def _match(group: list[RequestRecord], out: list[Any]
     return tuple(pairs), tuple(unmatched)
 
 
+def _url_secrets(url: str) -> list[str]:
+    """The secret parts of a URL (its password, the values of secret-looking parameters), the
+    longest first; at least 4 characters each, so that redacting them cannot eat a common word."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = []
+    if parts.password:
+        found += [parts.password, unquote(parts.password)]
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if SECRET_PARAM.match(k):
+            found.append(v)
+    return sorted({f for f in found if len(f) >= 4}, key=len, reverse=True)
+
+
 def _record_status(rec: Mapping[str, Any]) -> tuple[int | None, str]:
     for key in ("_status", "status"):
         value = rec.get(key)
@@ -505,12 +553,6 @@ def _text_of(d: Mapping[str, Any]) -> str:
 def _has_content(rec: Mapping[str, Any], sent: RequestRecord) -> bool:
     echoed = {"_id", "_url", "_base64", *sent.extra}
     return any(k not in echoed for k in rec)
-
-
-def _clean(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """The record to keep: never an echoed upload; lone surrogates (a JSON "\\ud800") escaped,
-    as in keys (records.text_safe), so that it can be stored and printed as UTF-8."""
-    return json_text_safe({k: v for k, v in rec.items() if k != "_base64"})
 
 
 def _body_status(body: Any) -> int | None:

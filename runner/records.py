@@ -29,6 +29,48 @@ def text_safe(text: str) -> str:
     return _SURROGATE.sub(_escape_surrogate, text)
 
 
+# Query parameters whose value is a secret: API keys, tokens, signatures of presigned URLs (S3's
+# X-Amz-Signature and session token, GCS's X-Goog-*, Azure's sig), passwords.
+SECRET_PARAM = re.compile(
+    r"(?i)^(?:.*(?:key|token|secret|passw(?:or)?d|pwd|signature|credential|auth|session).*"
+    r"|sig|awsaccesskeyid|code)$")
+_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s\"'<>]+")
+REDACTED = "REDACTED"
+
+
+def url_without_secrets(url: str) -> str:
+    """The URL as it may be stored or shown: a password in `user:password@` and the values of
+    secret-looking query parameters (api_key, token, X-Amz-Signature, X-Amz-Security-Token, sig,
+    ...) replaced by REDACTED. Anything else is kept, so the URL still says where it points."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(SECRET_PARAM.match(k) for k, _ in pairs):
+            query = urlencode([(k, REDACTED if SECRET_PARAM.match(k) else v) for k, v in pairs],
+                              safe="/:")
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def text_without_secret_urls(text: str) -> str:
+    """Every URL inside a text with its secrets removed (url_without_secrets)."""
+    if "://" not in text:
+        return text
+    return _URL.sub(lambda m: url_without_secrets(m.group()), text)
+
+
 def json_text_safe(value: Any) -> Any:
     """A JSON value (an API's answer) with every string, keys included, made text_safe."""
     if isinstance(value, str):

@@ -21,7 +21,15 @@ from runner.client import ApiClient, AttemptFn
 from runner.errors import AuthError, ExitCode, SourceError
 from runner.job import Job
 from runner.prepare import prep_signature, prepare_smaller
-from runner.records import FAILED, PENDING, Item, Ready, RecordOutcome, Refused
+from runner.records import (
+    FAILED,
+    PENDING,
+    Item,
+    Ready,
+    RecordOutcome,
+    Refused,
+    url_without_secrets,
+)
 from runner.sources import check_sources, iter_chunks, list_items
 from runner.store import BatchAnswer, Store, compact_json
 from runner.summary import KIND_COUNTERS, ProgressFn, RunOptions, Summary
@@ -138,7 +146,8 @@ class Run:
         s = self.summary
         started = time.monotonic()
         self.run_id = self.store.begin_run(self.job.name, pid=os.getpid(),
-                                           endpoint=self.job.api.endpoint, budget=self.budget)
+                                           endpoint=url_without_secrets(self.job.api.endpoint),
+                                           budget=self.budget)
         s.run_id = self.run_id
         self.spent = self.store.spent(self.job.name)
         stopped_by: str | None = None

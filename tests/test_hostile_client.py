@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import json
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -226,3 +227,90 @@ def test_a_client_sends_nothing_more_once_a_request_was_refused():
         with pytest.raises(AuthError):
             c.account_details()
     assert len(posts) == 1
+
+
+# --- E: secrets are never stored or printed -------------------------------------------------------
+
+
+def test_an_error_text_echoing_the_token_is_redacted_in_reason_and_result(tmp_path: Path):
+    def echoing(body: dict[str, Any], conn: socket.socket) -> None:
+        if not body:
+            answer(conn, b'{"detail": "Not found."}', code=404)
+            return
+        out = [{"_id": r["_id"], "_status": {"code": 400, "text": f"bad token {TOKEN}!"},
+                "debug": {"auth": f"Token {TOKEN}", "seen": [TOKEN]}} for r in body["records"]]
+        answer(conn, json.dumps({"records": out}).encode())
+
+    make_images(tmp_path / "imgs", 2)
+    with raw_server(echoing) as url:
+        job = write_job(tmp_path, url + "collectibles/v2/tcg_id", tmp_path / "imgs")
+        res = invoke("run", str(job), env={"XIMILAR_TOKEN": TOKEN})
+    assert res.exit_code == 1, res.output
+    exported = invoke("export", str(job))
+    status = invoke("status", str(job))
+    for text in (res.output, exported.output, status.output):
+        assert TOKEN not in text
+    rows = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert all(r["reason"] == "api 400: bad token <token>!" for r in rows)
+    assert all(r["result"]["debug"] == {"auth": "Token <token>", "seen": ["<token>"]}
+               for r in rows)
+
+
+def test_credentials_in_the_endpoint_are_not_stored(tmp_path: Path):
+    def ok(body: dict[str, Any], conn: socket.socket) -> None:
+        if not body:
+            answer(conn, b'{"detail": "Not found."}', code=404)
+            return
+        out = [{"_id": r["_id"], "_status": {"code": 200}, "_tags": ["x"]}
+               for r in body["records"]]
+        answer(conn, json.dumps({"records": out}).encode())
+
+    make_images(tmp_path / "imgs", 2)
+    with raw_server(ok) as url:
+        endpoint = url.replace("http://", "http://bob:hunter2pw@") + \
+            "collectibles/v2/tcg_id?api_key=k3y-s3cret&lang=en"
+        job = write_job(tmp_path, endpoint, tmp_path / "imgs")
+        res = invoke("run", str(job))
+    assert res.exit_code == 0, res.output
+    db = tmp_path / "state" / "t.db"
+    with sqlite3.connect(db) as c:
+        stored = c.execute("SELECT endpoint FROM runs").fetchall()
+    assert stored and all("hunter2pw" not in e and "k3y-s3cret" not in e for e, in stored)
+    assert stored[0][0].endswith("collectibles/v2/tcg_id?api_key=REDACTED&lang=en")
+    assert "bob:REDACTED@" in stored[0][0]
+    for text in (db.read_bytes().decode("utf-8", "replace"), invoke("status", str(job)).output,
+                 invoke("export", str(job)).output):
+        assert "hunter2pw" not in text and "k3y-s3cret" not in text
+
+
+def test_an_echoed_presigned_url_is_stored_without_its_signature_or_session_token():
+    presigned = ("https://bucket.s3.amazonaws.com/cards/a.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+                 "&X-Amz-Credential=AKIAEXAMPLE%2F20261201%2Fus-east-1%2Fs3%2Faws4_request"
+                 "&X-Amz-Date=20261201T000000Z&X-Amz-Expires=3600"
+                 "&X-Amz-Security-Token=FwoGZXIvYXdzEXAMPLESESSION"
+                 "&X-Amz-Signature=0123456789abcdef0123&X-Amz-SignedHeaders=host")
+
+    def echo_url(body: dict[str, Any], conn: socket.socket) -> None:
+        out = [{"_id": r["_id"], "_url": r["_url"], "_status": {"code": 200},
+                "note": f"fetched {r['_url']}"} for r in body["records"]]
+        answer(conn, json.dumps({"records": out}).encode())
+
+    with raw_server(echo_url) as url, client(url) as c:
+        out = c.submit_batch([RequestRecord("s3://bucket/cards/a.jpg", url=presigned)])
+    kept = json.dumps(out[0].record)
+    assert out[0].ok
+    for secret in ("AKIAEXAMPLE", "FwoGZXIvYXdzEXAMPLESESSION", "0123456789abcdef0123"):
+        assert secret not in kept
+    assert out[0].record["_url"].startswith("https://bucket.s3.amazonaws.com/cards/a.jpg?")
+    assert "X-Amz-Signature=REDACTED" in out[0].record["_url"]
+
+
+def test_the_sandbox_token_can_come_from_the_environment(monkeypatch):
+    import runner.sandbox
+
+    served: list[Any] = []
+    monkeypatch.setattr(runner.sandbox, "serve", lambda cfg, host, port: served.append(cfg))
+    res = invoke("sandbox", env={"XIMRUN_SANDBOX_TOKEN": "from-env-123"})
+    assert res.exit_code == 0, res.output
+    assert served[0].token == "from-env-123"
+    assert "XIMRUN_SANDBOX_TOKEN" in invoke("sandbox", "--help").output
