@@ -369,7 +369,11 @@ class ApiClient:
         return transport_error(exc, self._timeout)
 
     def _request(self, batch: _Submission, group: list[RequestRecord]) -> _Reply:
-        self._check_refused()
+        try:
+            self._check_refused()
+        except AuthError as exc:
+            exc.first_unbilled = batch.requests == 0
+            raise
         batch.requests += 1
         for r in group:
             batch.attempts[r.id] = batch.attempts.get(r.id, 0) + 1
@@ -391,7 +395,11 @@ class ApiClient:
             # urllib3 already replaces a pooled connection found dead before sending; what reaches
             # here may have been sent and billed, so it counts as an attempt like any other.
             return _Reply("retry", error=self._redact(self._transport_reason(exc, deadline)))
-        return self._read_answer(resp, data, group)
+        try:
+            return self._read_answer(resp, data, group)
+        except AuthError as exc:
+            exc.first_unbilled = batch.requests == 1
+            raise
 
     def _read_answer(self, resp: urllib3.BaseHTTPResponse, data: bytes,
                      group: list[RequestRecord]) -> _Reply:

@@ -60,7 +60,11 @@ def submit_prepared(job: Job, client: ApiClient, batch: Sequence[Ready],
              if (smaller := prepare_smaller(job, by_key[o.id])) is not None]
     if not again:
         return outcomes
-    second = {o.id: o for o in client.submit_batch(again, on_attempt=on_attempt)}
+    try:
+        second = {o.id: o for o in client.submit_batch(again, on_attempt=on_attempt)}
+    except AuthError as exc:
+        exc.first_unbilled = False  # the batch's first request was the one before the resend
+        raise
     return [second.get(o.id, o) for o in outcomes]
 
 
@@ -290,10 +294,7 @@ class Run:
         except AuthError as exc:
             self.unreserve(len(batch))
             if exc.refused_request and requests:
-                # The refused request was not billed: not "possibly billed" in status.
-                self.store.drop_attempt(self.run_id, batch_no, requests)
-                with self._lock:
-                    self.summary.requests -= 1
+                self.drop_refused_attempt(batch_no, requests)
             raise
         return self.record_answers(batch_no, batch, outcomes)
 
@@ -314,6 +315,13 @@ class Run:
         self.store.record_attempt(self.job.name, self.run_id, batch_no, attempt, list(ids))
         with self._lock:
             self.summary.requests += 1
+
+    def drop_refused_attempt(self, batch_no: int, attempt: int) -> None:
+        """A request refused with 401/403 was not billed: its row goes, so that status does not
+        list its images as possibly billed."""
+        self.store.drop_attempt(self.run_id, batch_no, attempt)
+        with self._lock:
+            self.summary.requests -= 1
 
     def unreserve(self, n: int) -> None:
         with self._lock:
