@@ -368,19 +368,21 @@ def check(files: tuple[str, ...], job_file: str | None, as_json: bool) -> None:
 
     Exits 1 if any file would be rejected.
     """
-    import fsspec
-
+    from runner.errors import ReadError
     from runner.images import check_bytes
+    from runner.job import SourceConfig
+    from runner.records import Item
+    from runner.storage import read_bytes
 
     policy = _load(job_file, require_token=False).images if job_file else ImagePolicy()
     any_rejected = False
     for name in files:
         try:
-            with fsspec.open(name, "rb") as fh:
-                data = fh.read()
-        except (OSError, ValueError) as exc:
+            # The run's own reading rules: regular files only, never past images.max_bytes.
+            data = read_bytes(Item(name, name, None, ""), SourceConfig(), limit=policy.max_bytes)
+        except ReadError as exc:
             verdict_d = {"file": name, "action": "reject", "format": None,
-                         "reason": f"unreadable: {exc.__class__.__name__}: {exc}"}
+                         "reason": f"unreadable: {exc}"}
         else:
             v = check_bytes(data, policy)
             verdict_d = {"file": name, "action": v.action, "format": v.format, "reason": v.reason}

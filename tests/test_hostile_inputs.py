@@ -206,3 +206,24 @@ def test_a_manifest_column_named_like_a_record_field_is_refused_up_front(tmp_pat
             res = invoke(command, str(job))
             assert res.exit_code == 2, res.output
             assert column.strip() in res.output and "reserved" in res.output
+
+
+@posix_only
+def test_check_reads_like_a_run_devices_fifos_and_huge_files_are_refused(tmp_path: Path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as fh:
+        fh.truncate(3 * 10**9)
+    done: list[object] = []
+    t = threading.Thread(target=lambda: done.append(
+        invoke("check", "/dev/zero", str(fifo), str(huge))), daemon=True)
+    t.start()
+    t.join(20)
+    assert done, "ximrun check hangs on a device or a FIFO"
+    res = done[0]
+    assert res.exit_code == 1, res.output  # type: ignore[attr-defined]
+    lines = res.output.splitlines()  # type: ignore[attr-defined]
+    assert "/dev/zero is not a regular file" in lines[0]
+    assert "pipe.jpg is not a regular file" in lines[1]
+    assert "too_large_file" in lines[2]
