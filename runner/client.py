@@ -216,9 +216,8 @@ class ApiClient:
         if not 200 <= resp.status < 300:
             log.debug("account details unavailable: http %d", resp.status)
             return None
-        try:
-            body = json.loads(data)
-        except ValueError:
+        body = parse_answer(data)
+        if body is None:
             log.debug("account details unavailable: the answer is not JSON")
             return None
         return body if isinstance(body, dict) else None
@@ -406,11 +405,7 @@ class ApiClient:
         code = resp.status
         if code in (401, 403):
             self._refuse(AuthError(self._auth_message(resp, data)))
-        body: Any = None
-        try:
-            body = json.loads(data)
-        except ValueError:
-            pass  # a proxy's HTML page: judged by its status code below
+        body = parse_answer(data)  # None for a proxy's HTML page: judged by its status code below
         if 200 <= code < 300 and isinstance(body, dict) and isinstance(body.get("records"), list):
             matched = _match(group, body["records"])
             if matched is None:
@@ -447,10 +442,7 @@ class ApiClient:
 
     def _auth_message(self, resp: urllib3.BaseHTTPResponse, data: bytes,
                       code: int | None = None) -> str:
-        try:
-            body = json.loads(data)
-        except ValueError:
-            body = None
+        body = parse_answer(data)
         detail = self._redact(_detail(resp, data, body))
         return (f"the API refused the token (HTTP {code or resp.status}): {detail}; "
                 "check the token variable named in api.token_env")
@@ -481,6 +473,27 @@ class ApiClient:
 
 
 # --- answers --------------------------------------------------------------------------------------
+
+
+MAX_ANSWER_DEPTH = 64  # nesting of an answer's JSON: an API record is a few levels deep
+
+
+def parse_answer(data: bytes) -> Any:
+    """The answer's JSON, or None: not JSON, or nested deeper than MAX_ANSWER_DEPTH (a hostile
+    answer nested a million levels deep must not end a run with a RecursionError)."""
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    stack = [(body, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth >= MAX_ANSWER_DEPTH:
+                return None
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in children if isinstance(v, dict | list))
+    return body
 
 
 def _match(group: list[RequestRecord], out: list[Any]

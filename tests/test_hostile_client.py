@@ -314,3 +314,16 @@ def test_the_sandbox_token_can_come_from_the_environment(monkeypatch):
     assert res.exit_code == 0, res.output
     assert served[0].token == "from-env-123"
     assert "XIMRUN_SANDBOX_TOKEN" in invoke("sandbox", "--help").output
+
+
+def test_an_answer_nested_a_million_levels_deep_is_a_bad_answer_not_a_crash():
+    def deep(body: dict[str, Any], conn: socket.socket) -> None:
+        n = 1_000_000 if body["records"][0]["_id"].endswith("0.jpg") else 200
+        rec = '{"_id": "%s", "_status": {"code": 200}, "x": %s}' % (
+            body["records"][0]["_id"], "[" * n + "]" * n)
+        answer(conn, ('{"records": [%s]}' % rec).encode())
+
+    with raw_server(deep) as url, client(url, max_retries=1) as c:
+        out = [c.submit_batch(recs(2)[i:i + 1])[0] for i in range(2)]
+    assert all(not o.ok and o.attempts == 2 for o in out)
+    assert all(o.reason == "bad answer: http 200 with not JSON" for o in out)
