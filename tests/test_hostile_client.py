@@ -319,9 +319,9 @@ def test_the_sandbox_token_can_come_from_the_environment(monkeypatch):
 def test_an_answer_nested_a_million_levels_deep_is_a_bad_answer_not_a_crash():
     def deep(body: dict[str, Any], conn: socket.socket) -> None:
         n = 1_000_000 if body["records"][0]["_id"].endswith("0.jpg") else 200
-        rec = '{"_id": "%s", "_status": {"code": 200}, "x": %s}' % (
-            body["records"][0]["_id"], "[" * n + "]" * n)
-        answer(conn, ('{"records": [%s]}' % rec).encode())
+        head = json.dumps({"_id": body["records"][0]["_id"], "_status": {"code": 200}})
+        rec = head[:-1] + ', "x": ' + "[" * n + "]" * n + "}"
+        answer(conn, ('{"records": [' + rec + "]}").encode())
 
     with raw_server(deep) as url, client(url, max_retries=1) as c:
         out = [c.submit_batch(recs(2)[i:i + 1])[0] for i in range(2)]
