@@ -308,7 +308,8 @@ class ApiClient:
                                               answer.status)
                     again.append(r)
                 continue
-            reason = f"api {code}: {self._redact(text)}" if text else f"api {code}"
+            # The API's text, on one line and short: a hostile server may send megabytes.
+            reason = f"api {code}: {brief(self._redact(text))}" if text else f"api {code}"
             if 200 <= code < 300:
                 self._set_outcome(batch, r, ok=True, record=self._clean(rec), status=code)
             elif _is_retryable(code):

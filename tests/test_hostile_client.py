@@ -327,3 +327,15 @@ def test_an_answer_nested_a_million_levels_deep_is_a_bad_answer_not_a_crash():
         out = [c.submit_batch(recs(2)[i:i + 1])[0] for i in range(2)]
     assert all(not o.ok and o.attempts == 2 for o in out)
     assert all(o.reason == "bad answer: http 200 with not JSON" for o in out)
+
+
+def test_a_record_text_of_megabytes_gives_a_short_one_line_reason():
+    def wordy(body: dict[str, Any], conn: socket.socket) -> None:
+        out = [{"_id": r["_id"], "_status": {"code": 400, "text": "bad\n" + "x" * 1_000_000}}
+               for r in body["records"]]
+        answer(conn, json.dumps({"records": out}).encode())
+
+    with raw_server(wordy) as url, client(url) as c:
+        out = c.submit_batch(recs(1))
+    assert not out[0].ok and out[0].reason.startswith("api 400: bad xxx")
+    assert len(out[0].reason) <= 220 and "\n" not in out[0].reason
