@@ -33,6 +33,10 @@ SkipFn = Callable[[str], None]
 _STAT_THREADS = 16
 _STAT_WINDOW = 256
 _MAX_DUPLICATES_NAMED = 10
+# A manifest line longer than this is skipped unread past it: one hostile line (a file with no
+# newline at all) must not be held in memory whole.
+MAX_LINE_BYTES = 16 * 2**20
+_TOO_LONG = "\x00line too long\n"  # what stands for such a line in the text stream
 
 
 @dataclass(frozen=True)
@@ -191,9 +195,31 @@ def _manifest_rows(manifest: str, source: SourceConfig) -> Iterator[tuple[int, d
         raise SourceError(f"{manifest}: cannot be read: {brief(exc)}") from None
 
 
-def _decoded_lines(handle: Iterable[bytes], bad: set[int]) -> Iterator[str]:
-    """Text lines (BOM dropped); the numbers of lines that were not UTF-8 go into bad."""
-    for number, raw in enumerate(handle, 1):
+def _lines(handle: Any) -> Iterator[bytes | None]:
+    """The handle's lines; None for a line over MAX_LINE_BYTES, whose rest is read and dropped a
+    megabyte at a time."""
+    while True:
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) <= MAX_LINE_BYTES:
+            yield raw
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = handle.readline(2**20)
+        yield None
+
+
+def _decoded_lines(handle: Any, bad: set[int], long: set[int] | None = None
+                   ) -> Iterator[str]:
+    """Text lines (BOM dropped); the numbers of lines that were not UTF-8 go into bad, those
+    over MAX_LINE_BYTES into long (and stand as _TOO_LONG)."""
+    for number, raw in enumerate(_lines(handle), 1):
+        if raw is None:
+            if long is not None:
+                long.add(number)
+            yield _TOO_LONG
+            continue
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         try:
@@ -205,7 +231,8 @@ def _decoded_lines(handle: Iterable[bytes], bad: set[int]) -> Iterator[str]:
 
 def _csv_rows(manifest: str, handle: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any] | str]]:
     bad: set[int] = set()
-    reader = csv.reader(_decoded_lines(handle, bad))
+    long: set[int] = set()
+    reader = csv.reader(_decoded_lines(handle, bad, long))
     header: list[str] | None = None
     end = 0
     while True:
@@ -223,6 +250,11 @@ def _csv_rows(manifest: str, handle: Iterable[bytes]) -> Iterator[tuple[int, dic
             continue
         start, end = end + 1, reader.line_num
         if not values:
+            continue
+        if long & set(range(start, end + 1)):
+            if header is None:
+                raise SourceError(f"{manifest}: the header is over {MAX_LINE_BYTES} bytes")
+            yield start, f"a line over {MAX_LINE_BYTES} bytes"
             continue
         if header is None:
             header = [h.strip() for h in values]
@@ -244,7 +276,11 @@ def _csv_rows(manifest: str, handle: Iterable[bytes]) -> Iterator[tuple[int, dic
 
 def _jsonl_rows(manifest: str, handle: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any] | str]]:
     bad: set[int] = set()
-    for number, text in enumerate(_decoded_lines(handle, bad), 1):
+    long: set[int] = set()
+    for number, text in enumerate(_decoded_lines(handle, bad, long), 1):
+        if number in long:
+            yield number, f"a line over {MAX_LINE_BYTES} bytes"
+            continue
         if not text.strip():
             continue
         if number in bad:

@@ -227,3 +227,26 @@ def test_check_reads_like_a_run_devices_fifos_and_huge_files_are_refused(tmp_pat
     assert "/dev/zero is not a regular file" in lines[0]
     assert "pipe.jpg is not a regular file" in lines[1]
     assert "too_large_file" in lines[2]
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_a_manifest_line_of_gigantic_length_is_skipped_without_being_held(tmp_path: Path,
+                                                                          monkeypatch, kind):
+    from runner import manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module, "MAX_LINE_BYTES", 1000)
+    paths = make_images(tmp_path / "imgs", 3)
+    m = tmp_path / f"m.{kind}"
+    if kind == "csv":
+        text = f"path,note\n{paths[0]},a\n{paths[1]},{'x' * 5000}\n{paths[2]},c\n"
+    else:
+        text = "\n".join([json.dumps({"path": str(paths[0])}),
+                          json.dumps({"path": str(paths[1]), "note": "x" * 5000}),
+                          json.dumps({"path": str(paths[2])})]) + "\n"
+    m.write_text(text, encoding="utf-8")
+    res = invoke("run", str(write_job(tmp_path, "sandbox", manifest=str(m))), "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["done"] == 2 and summary["skipped_rows"] == 1
+    line = 3 if kind == "csv" else 2
+    assert f"{m}:{line}: a line over 1000 bytes" in res.stderr
