@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import signal
 import socket
 import sqlite3
 import threading
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from driver import invoke, make_images, status_json, write_job
+from driver import invoke, make_images, start, status_json, wait_for, write_job
 
 from runner.client import ApiClient
 from runner.errors import AuthError
@@ -339,3 +340,31 @@ def test_a_record_text_of_megabytes_gives_a_short_one_line_reason():
         out = c.submit_batch(recs(1))
     assert not out[0].ok and out[0].reason.startswith("api 400: bad xxx")
     assert len(out[0].reason) <= 220 and "\n" not in out[0].reason
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_dripped_answer_ends_the_run_within_timeout_s(tmp_path: Path):
+    posts: list[int] = []
+
+    def drip_posts(body: dict[str, Any], conn: socket.socket) -> None:
+        if not body:
+            answer(conn, b'{"detail": "Not found."}', code=404)
+            return
+        posts.append(1)
+        dripping(body, conn)
+
+    make_images(tmp_path / "imgs", 3)
+    with raw_server(drip_posts) as url:
+        job = write_job(tmp_path, url + "collectibles/v2/tcg_id", tmp_path / "imgs",
+                        api={"timeout_s": 3, "max_retries": 5, "batch_size": 3})
+        child = start(tmp_path, "run", str(job), "--json")
+        wait_for(lambda: posts, "a request in flight", child)
+        time.sleep(0.5)
+        child.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = child.wait(timeout=30)
+        took = time.monotonic() - started
+    assert code == 4, child.output()
+    assert took < 3 + 3, took  # the request's own deadline, and the time to record and exit
+    assert "Traceback" not in child.stderr
+    assert json.loads(child.stdout)["pending"] == 3
