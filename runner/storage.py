@@ -61,12 +61,29 @@ def read_bytes(item: Item, source: SourceConfig, max_bytes: int | None = None, *
             return fs.cat_file(path, start=0, end=max_bytes)
         if limit is None:
             return fs.cat_file(path)
-        data = fs.cat_file(path, start=0, end=limit + 1)
-        if len(data) > limit:
-            raise _too_large(uri, None, limit)
-        return data
+        return _read_bounded(fs, path, uri, limit)
     except Exception as exc:
         raise _read_error(exc, uri) from None
+
+
+def _read_bounded(fs: AbstractFileSystem, path: str, uri: str, limit: int) -> bytes:
+    """An object of unknown size, read no further than limit + 1 bytes, a piece at a time: a
+    server that ignores Range (or streams without end) is not read whole."""
+    with fs.open(path, "rb") as fh:
+        size = getattr(fh, "size", None)
+        if isinstance(size, int) and size > limit:
+            raise _too_large(uri, size, limit)
+        chunks: list[bytes] = []
+        total = 0
+        while total <= limit:
+            chunk = fh.read(min(2**20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    if total > limit:
+        raise _too_large(uri, None, limit)
+    return b"".join(chunks)
 
 
 # O_NONBLOCK: opening a FIFO does not wait for a writer (POSIX; Windows has no FIFOs to open).
@@ -119,7 +136,8 @@ def read_many(items: Sequence[Item], source: SourceConfig, limit: int | None = N
             except Exception as exc:
                 out[i] = _read_error(exc, item.uri)
                 continue
-            if getattr(fs, "async_impl", False):
+            # Fetched together when the size is known (and checked); otherwise read bounded.
+            if getattr(fs, "async_impl", False) and (limit is None or item.size is not None):
                 remote.setdefault(id(fs), (fs, []))[1].append((i, path))
                 continue
         try:
@@ -128,26 +146,19 @@ def read_many(items: Sequence[Item], source: SourceConfig, limit: int | None = N
             out[i] = exc
     for fs, paths in remote.values():
         # fs.cat would expand glob characters in keys; each object's own coroutine does not.
-        # An object of unknown size is fetched up to limit + 1 bytes, to tell it is too large.
-        ends = [None if limit is None or items[i].size is not None else limit + 1
-                for i, _ in paths]
-        got = fsspec.asyn.sync(fs.loop, _cat_all, fs, [path for _, path in paths], ends)
+        got = fsspec.asyn.sync(fs.loop, _cat_all, fs, [path for _, path in paths])
         for (i, _), data in zip(paths, got, strict=True):
             if isinstance(data, BaseException):
                 out[i] = _read_error(data, items[i].uri)
-            elif limit is not None and len(data) > limit:
+            elif limit is not None and len(data) > limit:  # it grew since it was listed
                 out[i] = _too_large(items[i].uri, None, limit)
             else:
                 out[i] = data
     return out  # type: ignore[return-value]
 
 
-async def _cat_all(fs: Any, paths: list[str], ends: list[int | None]
-                   ) -> list[bytes | BaseException]:
-    return await asyncio.gather(*(fs._cat_file(p) if end is None else
-                                  fs._cat_file(p, start=0, end=end)
-                                  for p, end in zip(paths, ends, strict=True)),
-                                return_exceptions=True)
+async def _cat_all(fs: Any, paths: list[str]) -> list[bytes | BaseException]:
+    return await asyncio.gather(*(fs._cat_file(p) for p in paths), return_exceptions=True)
 
 
 def _read_error(exc: BaseException, uri: str) -> ReadError:

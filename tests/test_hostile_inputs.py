@@ -7,10 +7,20 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from driver import bars_jpeg, export_rows, invoke, make_images, plan_json, run_json, write_job
+from driver import (
+    bars_jpeg,
+    export_rows,
+    invoke,
+    make_images,
+    plan_json,
+    run_json,
+    write_job,
+    ximrun,
+)
 
 from runner.errors import ReadError
 from runner.job import SourceConfig
@@ -250,3 +260,53 @@ def test_a_manifest_line_of_gigantic_length_is_skipped_without_being_held(tmp_pa
     assert summary["done"] == 2 and summary["skipped_rows"] == 1
     line = 3 if kind == "csv" else 2
     assert f"{m}:{line}: a line over 1000 bytes" in res.stderr
+
+
+def test_an_endless_http_source_that_ignores_range_is_read_no_further_than_max_bytes(
+        tmp_path: Path):
+    import http.server
+
+    small = bars_jpeg(3)
+
+    class Endless(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # no Content-Length: the body ends when the server closes
+
+        def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+
+        def do_GET(self) -> None:  # noqa: N802
+            self.do_HEAD()
+            try:
+                if self.path.startswith("/small"):
+                    self.wfile.write(small)
+                    return
+                block = small + b"\0" * 65536
+                while True:  # without end, about 6 MB/s, whatever Range asked for
+                    self.wfile.write(block)
+                    time.sleep(0.01)
+            except OSError:
+                pass  # the client had enough
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        manifest = tmp_path / "m.csv"
+        manifest.write_text(f"url,id\n{base}/endless.jpg,endless\n{base}/small.jpg,small\n",
+                            encoding="utf-8")
+        job = write_job(tmp_path, "sandbox", manifest=str(manifest),
+                        images={"max_bytes": 100_000})
+        child = ximrun(tmp_path, "run", str(job), timeout=30)  # fails if it hangs
+        assert child.proc.returncode == 1, child.output()
+    finally:
+        server.shutdown()
+        server.server_close()
+    rows = export_rows(job)
+    assert rows["small"]["state"] == "done"
+    assert rows["endless"]["state"] == "failed"
+    assert rows["endless"]["reason"].startswith("too_large_file: ")
