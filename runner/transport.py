@@ -4,7 +4,9 @@ CA bundle the environment names, and an adaptive limit on the requests in flight
 
 from __future__ import annotations
 
+import heapq
 import http.client
+import itertools
 import logging
 import os
 import socket
@@ -107,25 +109,27 @@ class Deadline:
     """A whole request's time limit (connect, send and the answer's last byte), not one socket
     read's: past it the request's socket is shut down, so a server dripping a byte at a time
     cannot keep a request (or a stop waiting for it) open. Use as a context manager around the
-    request and the reading of its answer, on the thread that makes the request."""
+    request and the reading of its answer, on the thread that makes the request. One watchdog
+    thread serves every deadline of the process."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.expired = False
+        self.finished = False
+        self.when = 0.0
         self._conn: Any = None
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
 
     def __enter__(self) -> Deadline:
         _current.deadline = self
-        self._timer.start()
+        self.when = time.monotonic() + self.seconds
+        _WATCHDOG.add(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
         _current.deadline = None
         with self._lock:
+            self.finished = True
             self._conn = None
 
     def attach(self, conn: Any) -> None:
@@ -135,11 +139,57 @@ class Deadline:
             if self.expired:
                 _shut(conn)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         with self._lock:
+            if self.finished:
+                return
             self.expired = True
             if self._conn is not None:
                 _shut(self._conn)
+
+
+class _Watchdog:
+    """Expires deadlines in time order on one daemon thread (a timer thread per request would
+    cost more than many requests do)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, deadline: Deadline) -> None:
+        with self._cond:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                # First use, or a forked child (which has no copy of the parent's thread).
+                self._heap = [e for e in self._heap if not e[2].finished]
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="ximrun-deadlines",
+                                                daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, (deadline.when, next(self._seq), deadline))
+            if self._heap[0][2] is deadline:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][2].finished:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                when = self._heap[0][0]
+                now = time.monotonic()
+                if when > now:
+                    self._cond.wait(when - now)
+                    continue
+                _, _, deadline = heapq.heappop(self._heap)
+                deadline.expire()
+
+
+_WATCHDOG = _Watchdog()
 
 
 def _shut(conn: Any) -> None:
