@@ -26,13 +26,24 @@ from urllib3.exceptions import HTTPError as TransportError
 from runner import __version__
 from runner.errors import AuthError, brief
 from runner.job import JWT_MIN_LENGTH, ApiConfig
-from runner.records import RecordOutcome, RequestRecord
+from runner.records import (
+    REDACTED,
+    SECRET_PARAM,
+    RecordOutcome,
+    RequestRecord,
+    json_text_safe,
+    text_without_secret_urls,
+    url_without_secrets,
+)
 from runner.transport import (
     AdaptiveLimit,
+    AnswerTooLarge,
     Breaker,
+    Deadline,
     environ_proxy,
     never_sent,
     pool_manager,
+    read_capped,
     transport_error,
 )
 
@@ -159,6 +170,7 @@ class _Reply:
     records: tuple[tuple[RequestRecord, Mapping[str, Any]], ...] = ()
     unsent: bool = False  # the request never reached the service (no connection was made)
     lost: bool = False  # it may have been billed and its answer is lost (dropped, timed out, ...)
+    unmatched: tuple[RequestRecord, ...] = ()  # sent, but no answer is theirs with certainty
 
 
 class ApiClient:
@@ -167,6 +179,9 @@ class ApiClient:
     BACKOFF_BASE_S = 0.5
     BACKOFF_CAP_S = 30.0
     RETRY_AFTER_CAP_S = 120.0
+    # The largest answer read, decoded: a base plus a share per record sent (docs/api-protocol.md).
+    ANSWER_BASE_BYTES = 4 * 1024 * 1024
+    ANSWER_PER_RECORD_BYTES = 2 * 1024 * 1024
 
     def __init__(self, endpoint_url: str, token: str, api: ApiConfig, *,
                  fields: Mapping[str, Any] | None = None, stop: threading.Event | None = None,
@@ -181,6 +196,10 @@ class ApiClient:
         self.breaker = Breaker(api.breaker_failures, api.breaker_s)
         self._halt = _Halt(stop, self.breaker)  # a stop, or the breaker open: send nothing more
         self._token = token
+        # What of the endpoint URL is secret (a password, an api_key value): never stored.
+        self._url_secrets = _url_secrets(endpoint_url)
+        self.shown_endpoint = url_without_secrets(endpoint_url)
+        self._refused: AuthError | None = None  # after a 401/403 nothing more is sent
         self._stop = stop
         self._sleep = sleep
         self._timeout = (api.connect_timeout_s, api.timeout_s)
@@ -192,7 +211,7 @@ class ApiClient:
                                    None if direct else environ_proxy(endpoint_url))
 
     def __repr__(self) -> str:  # the token stays out of reprs and tracebacks
-        return f"ApiClient({self.endpoint_url!r})"
+        return f"ApiClient({self.shown_endpoint!r})"
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -232,20 +251,23 @@ class ApiClient:
     def account_details(self) -> dict[str, Any] | None:
         """The account's details (credits), or None if the API does not offer them."""
         url = self.base_url + ACCOUNT_PATH
+        self._check_refused()
         try:
-            resp = self._http.urlopen("GET", url, headers=self._headers, redirect=False)
-        except TransportError as exc:
-            reason = transport_error(exc, self._timeout)
+            with Deadline(self.api.timeout_s) as deadline:
+                resp = self._http.urlopen("GET", url, headers=self._headers, redirect=False,
+                                          preload_content=False)
+                data = read_capped(resp, self.ANSWER_BASE_BYTES)
+        except (TransportError, AnswerTooLarge) as exc:
+            reason = self._transport_reason(exc, deadline)
             log.debug("account details unavailable: %s", self._redact(reason))
             return None
         if resp.status in (401, 403):
-            raise AuthError(self._auth_message(resp))
+            self._refuse(AuthError(self._auth_message(resp, data)))
         if not 200 <= resp.status < 300:
             log.debug("account details unavailable: http %d", resp.status)
             return None
-        try:
-            body = json.loads(resp.data)
-        except ValueError:
+        body = parse_answer(data)
+        if body is None:
             log.debug("account details unavailable: the answer is not JSON")
             return None
         return body if isinstance(body, dict) else None
@@ -332,26 +354,31 @@ class ApiClient:
         """Record each answered record's outcome; return the records to send again."""
         again: list[RequestRecord] = []
         throttled = False
+        for r in answer.unmatched:
+            batch.last_error[r.id] = ("bad answer: no record with this _id in the answer",
+                                      answer.status)
+            again.append(r)
         for r, rec in answer.records:
             code, text = _record_status(rec)
             if code is None:
                 if _has_content(rec, r):
                     # No `_status`, but the service answered with content: trust the HTTP 2xx.
-                    self._set_outcome(batch, r, ok=True, record=_clean(rec), status=answer.status)
+                    self._set_outcome(batch, r, ok=True, record=self._clean(rec), status=answer.status)
                 else:
                     batch.last_error[r.id] = ("bad answer: record without status or content",
                                               answer.status)
                     again.append(r)
                 continue
-            reason = f"api {code}: {self._redact(text)}" if text else f"api {code}"
+            # The API's text, on one line and short: a hostile server may send megabytes.
+            reason = f"api {code}: {brief(self._redact(text))}" if text else f"api {code}"
             if 200 <= code < 300:
-                self._set_outcome(batch, r, ok=True, record=_clean(rec), status=code)
+                self._set_outcome(batch, r, ok=True, record=self._clean(rec), status=code)
             elif _is_retryable(code):
                 throttled = throttled or code == 429
                 batch.last_error[r.id] = (reason, code)
                 again.append(r)
             else:
-                self._set_outcome(batch, r, ok=False, record=_clean(rec), reason=reason, status=code,
+                self._set_outcome(batch, r, ok=False, record=self._clean(rec), reason=reason, status=code,
                              too_large=code == 413)
         if throttled:
             self.limit.on_throttle()
@@ -401,7 +428,32 @@ class ApiClient:
 
     # --- one HTTP request -----------------------------------------------------------------------
 
+    def _check_refused(self) -> None:
+        """Once the API has refused the token, nothing more leaves (other threads included)."""
+        if self._refused is not None:
+            raise AuthError(str(self._refused))
+
+    def _refuse(self, exc: AuthError) -> None:
+        """The request just sent was refused (not billed): remember it and raise."""
+        exc.refused_request = True
+        if self._refused is None:
+            self._refused = exc
+        raise exc
+
+    def _transport_reason(self, exc: BaseException, deadline: Deadline) -> str:
+        if deadline.expired:
+            return f"timeout after {self.api.timeout_s:g}s"
+        if isinstance(exc, AnswerTooLarge):
+            return f"bad answer: {exc}"
+        assert isinstance(exc, TransportError)
+        return transport_error(exc, self._timeout)
+
     def _request(self, batch: _Submission, group: list[RequestRecord]) -> _Reply:
+        try:
+            self._check_refused()
+        except AuthError as exc:
+            exc.first_unbilled = batch.requests == 0
+            raise
         batch.requests += 1
         for r in group:
             batch.attempts[r.id] = batch.attempts.get(r.id, 0) + 1
@@ -426,37 +478,46 @@ class ApiClient:
         return reply
 
     def _exchange(self, batch: _Submission, group: list[RequestRecord]) -> _Reply:
+        body = build_body(group, self.fields)
+        cap = self.ANSWER_BASE_BYTES + self.ANSWER_PER_RECORD_BYTES * len(group)
         try:
-            # No redirects: a redirected POST would become a GET without its body. The pool
-            # never retries on its own (retries=False): every try is counted here.
-            resp = self._http.urlopen("POST", self.endpoint_url, body=build_body(group, self.fields),
-                                      headers=self._headers, redirect=False)
-        except TransportError as exc:
+            # timeout_s bounds the whole request, not only each socket read: a server dripping
+            # its answer cannot hold the request (or a stop waiting for it) any longer.
+            with Deadline(self.api.timeout_s) as deadline:
+                # No redirects: a redirected POST would become a GET without its body. The pool
+                # never retries on its own (retries=False): every try is counted here.
+                resp = self._http.urlopen("POST", self.endpoint_url, body=body,
+                                          headers=self._headers, redirect=False,
+                                          preload_content=False)
+                data = read_capped(resp, cap)
+        except (TransportError, AnswerTooLarge) as exc:
             # urllib3 already replaces a pooled connection found dead before sending; what reaches
             # here may have been sent and billed, so it counts as an attempt like any other,
             # unless no connection was ever made.
-            unsent = never_sent(exc)
-            return _Reply("retry", error=self._redact(transport_error(exc, self._timeout)),
+            unsent = isinstance(exc, TransportError) and never_sent(exc)
+            return _Reply("retry", error=self._redact(self._transport_reason(exc, deadline)),
                           unsent=unsent, lost=not unsent)
-        return self._read_answer(resp, group)
+        try:
+            return self._read_answer(resp, data, group)
+        except AuthError as exc:
+            exc.first_unbilled = batch.requests == 1
+            raise
 
-    def _read_answer(self, resp: urllib3.BaseHTTPResponse, group: list[RequestRecord]
-                     ) -> _Reply:
+    def _read_answer(self, resp: urllib3.BaseHTTPResponse, data: bytes,
+                     group: list[RequestRecord]) -> _Reply:
         code = resp.status
         if code in (401, 403):
-            raise AuthError(self._auth_message(resp))
-        body: Any = None
-        try:
-            body = json.loads(resp.data)
-        except ValueError:
-            pass  # a proxy's HTML page: judged by its status code below
+            self._refuse(AuthError(self._auth_message(resp, data)))
+        body = parse_answer(data)  # None for a proxy's HTML page: judged by its status code below
         if 200 <= code < 300 and isinstance(body, dict) and isinstance(body.get("records"), list):
             matched = _match(group, body["records"])
             if matched is None:
                 return _Reply("retry", status=code, lost=True, error=(
                     f"bad answer: {len(body['records'])} records for {len(group)} sent"))
-            self.limit.on_success()
-            return _Reply("records", status=code, records=matched)
+            pairs, unmatched = matched
+            if not unmatched:
+                self.limit.on_success()
+            return _Reply("records", status=code, records=pairs, unmatched=unmatched)
         if 200 <= code < 300:
             # Some answers carry the error in the body's own `status`; otherwise it is garbage.
             inner = _body_status(body)
@@ -465,9 +526,9 @@ class ApiClient:
                 return _Reply("retry", status=code, lost=True,
                               error=f"bad answer: http {code} with {what}")
             if inner in (401, 403):
-                raise AuthError(self._auth_message(resp, inner))
+                self._refuse(AuthError(self._auth_message(resp, data, inner)))
             code = inner
-        error = f"http {code}: {self._redact(_detail(resp, body))}"
+        error = f"http {code}: {self._redact(_detail(resp, data, body))}"
         if 300 <= code < 400:
             where = self._redact(resp.headers.get("Location", "?"))
             error = f"http {code}: redirected to {where}; check api.endpoint"
@@ -480,45 +541,121 @@ class ApiClient:
                            retry_after=parse_retry_after(resp.headers.get("Retry-After")))
         if code in BISECT_HTTP:
             return _Reply("bisect", status=code,
-                           error=f"api {code}: {self._redact(_detail(resp, body))}")
+                           error=f"api {code}: {self._redact(_detail(resp, data, body))}")
         return _Reply("fail", status=code, error=error)
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _auth_message(self, resp: urllib3.BaseHTTPResponse, code: int | None = None) -> str:
-        try:
-            body = json.loads(resp.data)
-        except ValueError:
-            body = None
-        detail = self._redact(_detail(resp, body))
+    def _auth_message(self, resp: urllib3.BaseHTTPResponse, data: bytes,
+                      code: int | None = None) -> str:
+        body = parse_answer(data)
+        detail = self._redact(_detail(resp, data, body))
         return (f"the API refused the token (HTTP {code or resp.status}): {detail}; "
                 "check the token variable named in api.token_env")
 
     def _redact(self, text: str) -> str:
+        """A text to store, log or show: the token, the endpoint's own secrets (a password,
+        an api_key in its query) and the secrets of any URL in it removed."""
         if self._token and len(self._token) >= 4:
             text = text.replace(self._token, "<token>")
-        return text
+        for secret in self._url_secrets:
+            text = text.replace(secret, REDACTED)
+        return text_without_secret_urls(text)
+
+    def _clean(self, rec: Mapping[str, Any]) -> dict[str, Any]:
+        """The record to keep: never an echoed upload; every string redacted like a reason (an
+        error text echoing the token, an echoed presigned `_url`) and lone surrogates escaped
+        (records.text_safe), so that it can be stored and printed as UTF-8."""
+        return self._scrub(json_text_safe({k: v for k, v in rec.items() if k != "_base64"}))
+
+    def _scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._redact(value)
+        if isinstance(value, dict):
+            return {self._scrub(k): self._scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._scrub(v) for v in value]
+        return value
 
 
 # --- answers --------------------------------------------------------------------------------------
 
 
+MAX_ANSWER_DEPTH = 64  # nesting of an answer's JSON: an API record is a few levels deep
+
+
+def parse_answer(data: bytes) -> Any:
+    """The answer's JSON, or None: not JSON, or nested deeper than MAX_ANSWER_DEPTH (a hostile
+    answer nested a million levels deep must not end a run with a RecursionError)."""
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    stack = [(body, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth >= MAX_ANSWER_DEPTH:
+                return None
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in children if isinstance(v, dict | list))
+    return body
+
+
 def _match(group: list[RequestRecord], out: list[Any]
-           ) -> tuple[tuple[RequestRecord, Mapping[str, Any]], ...] | None:
-    """Pair each sent record with its answer: by `_id`, else by position; None if counts differ."""
+           ) -> tuple[tuple[tuple[RequestRecord, Mapping[str, Any]], ...],
+                      tuple[RequestRecord, ...]] | None:
+    """Pair each sent record with its answer: (pairs, records left without an answer).
+
+    By `_id` whenever the answer carries any: a record gets the one answer holding its `_id`, and
+    a record with none (or with two) is left unmatched, to be sent again: an answer is never
+    stored on another image. By position only when no answer carries an `_id` at all (a server
+    that does not echo `_id`). None: the counts differ or a record is not an object.
+    """
     if len(out) != len(group) or not all(isinstance(o, dict) for o in out):
         return None
-    sent = [r.id for r in group]
-    got = [o.get("_id") for o in out]
-    if got == sent:
-        return tuple(zip(group, out, strict=True))
-    if len(set(sent)) == len(sent) and sorted(map(str, got)) == sorted(sent) and \
-            all(isinstance(g, str) for g in got):
+    if not any("_id" in o for o in out):
+        log.info("the answer's records carry no _id; matched by position")
+        return tuple(zip(group, out, strict=True)), ()
+    by_id: dict[str, list[Mapping[str, Any]]] = {}
+    for o in out:
+        if isinstance(o.get("_id"), str):
+            by_id.setdefault(o["_id"], []).append(o)
+    sent_count: dict[str, int] = {}
+    for r in group:
+        sent_count[r.id] = sent_count.get(r.id, 0) + 1
+    pairs: list[tuple[RequestRecord, Mapping[str, Any]]] = []
+    unmatched: list[RequestRecord] = []
+    for r in group:
+        found = by_id.get(r.id, [])
+        if len(found) == 1 and sent_count[r.id] == 1:
+            pairs.append((r, found[0]))
+        else:
+            unmatched.append(r)
+    if unmatched:
+        log.info("the answer's _id values do not match those sent: %d of %d record(s) without "
+                 "an answer of their own", len(unmatched), len(group))
+    elif [o.get("_id") for o in out] != [r.id for r in group]:
         log.debug("the answer's records are out of order; matched by _id")
-        by_id = {o["_id"]: o for o in out}
-        return tuple((r, by_id[r.id]) for r in group)
-    log.info("the answer's _id values do not match those sent; matched by position")
-    return tuple(zip(group, out, strict=True))
+    return tuple(pairs), tuple(unmatched)
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The secret parts of a URL (its password, the values of secret-looking parameters), the
+    longest first; at least 4 characters each, so that redacting them cannot eat a common word."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = []
+    if parts.password:
+        found += [parts.password, unquote(parts.password)]
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if SECRET_PARAM.match(k):
+            found.append(v)
+    return sorted({f for f in found if len(f) >= 4}, key=len, reverse=True)
 
 
 def _record_status(rec: Mapping[str, Any]) -> tuple[int | None, str]:
@@ -545,11 +682,6 @@ def _has_content(rec: Mapping[str, Any], sent: RequestRecord) -> bool:
     return any(k not in echoed for k in rec)
 
 
-def _clean(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """The record to keep: never an echoed upload."""
-    return {k: v for k, v in rec.items() if k != "_base64"}
-
-
 def _body_status(body: Any) -> int | None:
     if not isinstance(body, dict):
         return None
@@ -559,7 +691,7 @@ def _body_status(body: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _detail(resp: urllib3.BaseHTTPResponse, body: Any) -> str:
+def _detail(resp: urllib3.BaseHTTPResponse, data: bytes, body: Any) -> str:
     """A short reason from an error answer: its JSON detail, or the first words of its text."""
     if isinstance(body, dict):
         for key in ("detail", "message", "error"):
@@ -568,7 +700,7 @@ def _detail(resp: urllib3.BaseHTTPResponse, body: Any) -> str:
         status = body.get("status")
         if isinstance(status, Mapping) and status.get("text"):
             return brief(str(status["text"]))
-    text = _text_of_body(resp)
+    text = _text_of_body(resp, data)
     title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
     if title:
         text = title.group(1)
@@ -576,13 +708,13 @@ def _detail(resp: urllib3.BaseHTTPResponse, body: Any) -> str:
     return brief(text) or (resp.reason or "no detail")
 
 
-def _text_of_body(resp: urllib3.BaseHTTPResponse) -> str:
+def _text_of_body(resp: urllib3.BaseHTTPResponse, data: bytes) -> str:
     """The answer's body as text, in the charset its Content-Type names (else UTF-8)."""
     match = re.search(r"charset=([\w.:-]+)", resp.headers.get("Content-Type", ""), re.I)
     try:
-        return resp.data.decode(match.group(1) if match else "utf-8", errors="replace")
+        return data.decode(match.group(1) if match else "utf-8", errors="replace")
     except LookupError:  # a charset Python does not know
-        return resp.data.decode("utf-8", errors="replace")
+        return data.decode("utf-8", errors="replace")
 
 
 def _retry_reason(batch: _Submission, records: Sequence[RequestRecord]) -> str:

@@ -10,14 +10,19 @@ only once it is committed.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import queue
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+from runner.errors import DatabaseError, brief
 
 T = TypeVar("T")
 WriteFn = Callable[[sqlite3.Connection], Any]
@@ -49,34 +54,130 @@ class CommitStats:
     waits: dict[str, list[float]] = field(default_factory=dict)  # name -> [calls, seconds]
 
 
+# --- storage errors: one line naming the file and what to do ----------------------------------
+
+
+def readonly_uri(path: Path | str) -> str:
+    """An SQLite URI that opens `path` read-only; `#`, `?`, `%` and spaces in the path escaped
+    (a bare f"file:{path}" would cut the name there and create a stray empty file)."""
+    return Path(os.path.abspath(path)).as_uri() + "?mode=ro"
+
+
+def check_db_path(path: Path | str) -> None:
+    """Refuse a state database path that is a folder, a device or a FIFO before anything opens
+    it (SQLite would open /dev/null and lose every write). A missing file is fine."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise database_error(exc, path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DatabaseError(f"state database {path}: it is a folder, not a file; point "
+                            "[state] db at a file (for example state/<name>.db)")
+    if not stat.S_ISREG(st.st_mode):
+        raise DatabaseError(f"state database {path}: it is not a regular file (a device, FIFO "
+                            "or socket); point [state] db at a file")
+
+
+def database_error(exc: BaseException, path: Path | str) -> DatabaseError:
+    """What an SQLite or OS error on the state database means, and what to do, on one line."""
+    text = str(exc).lower()
+    code = exc.errno if isinstance(exc, OSError) else None
+    if "full" in text or code == errno.ENOSPC:
+        what = ("the disk holding it is full: free some space, then run again (what was "
+                "committed is kept)")
+    elif "readonly" in text or "read-only" in text or code in (errno.EROFS, errno.EACCES,
+                                                                errno.EPERM):
+        what = ("it (or its folder) cannot be written here: run where both are writable, or "
+                "point [state] db elsewhere")
+    elif "not a database" in text or "no such table" in text or "no such column" in text:
+        what = ("it is not a ximrun state database (not SQLite, or overwritten): point [state] "
+                "db at another file, or restore it from a backup")
+    elif "malformed" in text or "corrupt" in text:
+        what = ("it is corrupt: restore it from a backup, or salvage it with the sqlite3 "
+                "shell's .recover into a new file, then run again")
+    elif "locked" in text or "busy" in text:
+        what = "another process keeps it locked: wait for it to finish, then run again"
+    elif "unable to open" in text or "cannot open" in text or isinstance(exc, OSError):
+        what = ("it cannot be opened: check that it is a file, and that it and its folder "
+                "exist and can be read and written")
+    elif "i/o error" in text:
+        what = "the disk failed to read or write it (I/O error): check the disk, then run again"
+    else:
+        what = "it cannot be used"
+    return DatabaseError(f"state database {path}: {what} ({brief(exc, 100)})")
+
+
+@contextlib.contextmanager
+def storage_errors(path: Path | str) -> Iterator[None]:
+    """SQLite's storage errors (and the OS's) become DatabaseError naming the file; errors of
+    ximrun's own SQL (IntegrityError, ProgrammingError) pass through unchanged."""
+    try:
+        yield
+    except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+        raise
+    except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+        raise database_error(exc, path) from None
+
+
+_mapped = storage_errors
+
+
 class Database:
-    """A connection to one SQLite file, shared by threads; `lock` serialises every use of it."""
+    """A connection to one SQLite file, shared by threads; `lock` serialises every use of it.
+
+    `create=False` opens the file read-only (status, export, plan): nothing can change it.
+    Storage errors raise DatabaseError (exit 74) naming the file and what to do."""
 
     def __init__(self, path: Path | str, *, create: bool = True,
                  deferred: Deferred | None = None) -> None:
         self.path = Path(path)
+        memory = str(path) == ":memory:"
+        if not memory:
+            check_db_path(self.path)
         if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise database_error(exc, self.path) from None
         elif not self.path.exists():
             raise FileNotFoundError(str(self.path))
         # check_same_thread=False: batch outcomes arrive on worker threads; self.lock serialises
         # every use of the one connection.
-        self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                    check_same_thread=False)
+        with _mapped(self.path):
+            target = str(self.path) if create or memory else readonly_uri(self.path)
+            self.conn = sqlite3.connect(target, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                        check_same_thread=False, uri=not (create or memory))
+        self.deferred = deferred
+        try:
+            self._setup(create)
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _setup(self, create: bool) -> None:
         self.conn.row_factory = sqlite3.Row
         self.lock = threading.RLock()
-        self.deferred = deferred
         self.stats = CommitStats()
         self._stats_lock = threading.Lock()
         self._group: _GroupCommit | None = None
         self._reader: sqlite3.Connection | None = None  # while grouped
         self._read_lock = threading.Lock()
-        self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
-        if create:
-            self.conn.execute("PRAGMA journal_mode = WAL")
-        # NORMAL in WAL mode survives a killed process (only power loss can drop the last commits).
-        self.conn.execute("PRAGMA synchronous = NORMAL")
-        self.conn.execute("PRAGMA foreign_keys = ON")
+        with _mapped(self.path):
+            self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+            if create:
+                self.conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode survives a killed process (only power loss can drop the last
+            # commits).
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self.conn.execute("PRAGMA foreign_keys = ON")
+            # Reading the schema now: a file that is not a database fails here, not mid-run.
+            self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+
+    def mapped(self) -> contextlib.AbstractContextManager[None]:
+        """Storage errors inside become DatabaseError naming this file."""
+        return _mapped(self.path)
 
     def close(self) -> None:
         with self.lock:
@@ -91,11 +192,12 @@ class Database:
         reads go through a second connection. A caller of a write still returns only once it is
         committed (a request's row is on disk before the request leaves), but thirty-two senders
         no longer take turns at BEGIN ... COMMIT."""
-        reader = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                 check_same_thread=False)
-        reader.row_factory = sqlite3.Row
-        reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
-        reader.execute("PRAGMA query_only = ON")
+        with _mapped(self.path):
+            reader = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S,
+                                     isolation_level=None, check_same_thread=False)
+            reader.row_factory = sqlite3.Row
+            reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+            reader.execute("PRAGMA query_only = ON")
         group = _GroupCommit(self)
         self._group, self._reader = group, reader
         try:
@@ -109,6 +211,10 @@ class Database:
 
     def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn(connection) in a write transaction (shared with others while grouped)."""
+        with _mapped(self.path):
+            return self._write(fn)
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         group = self._group
         if group is not None:
             result = group.submit(fn)
@@ -131,7 +237,12 @@ class Database:
         if op is None:
             done = self.write(fn)
             return lambda: done
-        return op.wait
+
+        def wait() -> T:
+            with _mapped(self.path):
+                return op.wait()  # type: ignore[no-any-return]
+
+        return wait
 
     def write_waited(self, name: str, fn: WriteFn) -> None:
         """A write whose caller waits for the commit: how long it waited is kept in stats."""
@@ -147,12 +258,13 @@ class Database:
         """Run fn(connection) on the read connection while grouped, else on the one."""
         started = time.perf_counter()
         try:
-            with self._read_lock:
-                reader = self._reader
-                if reader is not None:
-                    return fn(reader)
-            with self.lock:
-                return fn(self.conn)
+            with _mapped(self.path):
+                with self._read_lock:
+                    reader = self._reader
+                    if reader is not None:
+                        return fn(reader)
+                with self.lock:
+                    return fn(self.conn)
         finally:
             self.stats.read_s += time.perf_counter() - started
 
@@ -337,13 +449,25 @@ class _Transaction:
                 try:
                     if deferred is not None:
                         deferred.flush(conn)
+                    conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    # A failed COMMIT (a full disk) may leave the transaction open: rolled back,
+                    # so that the connection can begin the next one.
+                    if deferred is not None:
+                        deferred.clear()
+                    _rollback(conn)
                     raise
-                conn.execute("COMMIT")
             else:
                 if deferred is not None:
                     deferred.clear()
-                conn.execute("ROLLBACK")
+                _rollback(conn)
         finally:
             self.db.lock.release()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """ROLLBACK if a transaction is still open: SQLite rolls back by itself after some errors
+    (SQLITE_FULL, SQLITE_IOERR), and a second ROLLBACK would hide the first error."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")

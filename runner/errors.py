@@ -20,7 +20,7 @@ class ExitCode(IntEnum):
     AUTH = 5  # the API refused the token; nothing more was sent
     UNAVAILABLE = 69  # the API was unavailable (the circuit breaker opened, or retries ran out on
     # service failures): the images it failed are still pending, the next run continues
-    DATABASE = 74  # the state database cannot be used (newer ximrun, not a database); untouched
+    DATABASE = 74  # the state database cannot be used: not a database, newer, unwritable, full
     LOCKED = 75  # another run of the same state database is in progress
     ABORTED = 130  # a second Ctrl-C, or a signal while a command other than run started
 
@@ -43,6 +43,12 @@ class AuthError(RunnerError):
     """The API refused the token (401/403); nothing more may be sent."""
 
     exit_code = ExitCode.AUTH
+    # True when raised for a request that was sent and refused (not billed); False when raised
+    # before sending, because an earlier request was refused.
+    refused_request = False
+    # True when the batch's first request was not billed: refused, or never sent because an
+    # earlier one was (the Dask coordinator records that request before the batch leaves).
+    first_unbilled = False
 
 
 class LockedError(RunnerError):
@@ -62,8 +68,9 @@ class StateError(RunnerError):
 
 
 class DatabaseError(StateError):
-    """The state database cannot be used: written by a newer ximrun, not a database, or in need
-    of an upgrade that a read-only command may not make. It was not changed."""
+    """The state database cannot be used: a folder, not a database, corrupt, read-only, a full
+    disk, written by a newer ximrun, or in need of an upgrade that a read-only command may not
+    make. The message names the file and what to do; the database was not changed."""
 
     exit_code = ExitCode.DATABASE
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tomllib
@@ -39,6 +40,7 @@ class SourceConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    follow_symlinks: bool = False  # like rsync and rclone: a symlink is skipped unless asked
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class ImagePolicy:
     transcode: tuple[str, ...] = ()
     send: str = "base64"
     max_pixels: int = 64_000_000
+    max_bytes: int = 100_000_000  # a larger source file is never read: failed too_large_file
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,8 @@ def _expect(key: str, value: Any, kind: type) -> Any:
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise JobError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise JobError(f"{key}: {value!r} is not a finite number")
         return float(value)
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise JobError(f"{key}: expected an integer, got {value!r}")
@@ -220,7 +225,21 @@ def _str_list(key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _finite_values(key: str, value: Any) -> None:
+    """NaN and infinities are refused anywhere in a free-form table (they are not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise JobError(f"{key}: {value!r} is not a finite number")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _finite_values(f"{key}.{k}", v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _finite_values(key, v)
+
+
 def _range(key: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise JobError(f"{key}: {value!r} is not a finite number")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise JobError(f"{key}: {value!r} is out of range ({bounds})")
@@ -287,13 +306,17 @@ def parse_job(text: str, path: Path, env: Mapping[str, str] | None = None, *,
     base = path.parent
     if not source.paths and not source.manifest:
         raise JobError("source.paths: give at least one path, or source.manifest")
+    # Checked before resolving: "" would become the job file's folder and list all of it.
+    if any(not p.strip() for p in source.paths):
+        raise JobError("source.paths: an empty string is not a path (write \".\" for the job "
+                       "file's folder)")
+    if source.manifest is not None and not source.manifest.strip():
+        raise JobError("source.manifest: an empty string is not a path")
     source = replace(
         source,
         paths=tuple(resolve_source(base, p) for p in source.paths),
         manifest=resolve_source(base, source.manifest) if source.manifest else None,
     )
-    if any(not p for p in source.paths):
-        raise JobError("source.paths: an empty string is not a path")
 
     api = ApiConfig(**given["api"])
     if api.endpoint != SANDBOX and not re.match(r"^https?://[^/\s]+", api.endpoint):
@@ -304,20 +327,22 @@ def parse_job(text: str, path: Path, env: Mapping[str, str] | None = None, *,
     else:
         api = replace(api, batch_size=min(api.batch_size, cap))
     _range("api.concurrency", api.concurrency, 1, 256)
-    _range("api.timeout_s", api.timeout_s, 0.1)
-    _range("api.connect_timeout_s", api.connect_timeout_s, 0.1)
+    _range("api.timeout_s", api.timeout_s, 0.1, 86_400)
+    _range("api.connect_timeout_s", api.connect_timeout_s, 0.1, 3_600)
     _range("api.max_retries", api.max_retries, 0, 100)
     _range("api.breaker_failures", api.breaker_failures, 1, 1000)
     _range("api.breaker_s", api.breaker_s, 0.1, 3600)
     if api.auth_scheme not in AUTH_SCHEMES:
         raise JobError(f"api.auth_scheme: {api.auth_scheme!r} must be \"token\", \"jwt\" or "
                        "\"auto\"")
+    _finite_values("api.fields", api.fields)
     if "records" in api.fields:
         raise JobError("api.fields: 'records' is built by ximrun and cannot be a field")
 
     images = ImagePolicy(**given["images"])
-    _range("images.max_side", images.max_side, 0)
-    _range("images.max_pixels", images.max_pixels, 1)
+    _range("images.max_side", images.max_side, 0, 1_000_000)
+    _range("images.max_pixels", images.max_pixels, 1, 10**12)
+    _range("images.max_bytes", images.max_bytes, 1, 10**12)
     for fmt in images.transcode:
         if fmt not in TRANSCODABLE:
             raise JobError(f"images.transcode: {fmt!r} is not one of {', '.join(TRANSCODABLE)}")
@@ -325,10 +350,10 @@ def parse_job(text: str, path: Path, env: Mapping[str, str] | None = None, *,
         raise JobError(f"images.send: {images.send!r} must be \"base64\" or \"url\"")
 
     credits = CreditsConfig(**given["credits"])
-    _range("credits.per_image", credits.per_image, 0)
+    _range("credits.per_image", credits.per_image, 0, 10**9)
     for key in ("budget", "per_run", "per_day", "per_month", "min_account_credits"):
         if getattr(credits, key) is not None:
-            _range(f"credits.{key}", getattr(credits, key), 0)
+            _range(f"credits.{key}", getattr(credits, key), 0, 10**15)
     check_timezone("credits.timezone", credits.timezone)
 
     run = RunConfig(**given["run"])
@@ -415,9 +440,10 @@ def check_timezone(key: str, name: str) -> None:
 def validate_sandbox(s: SandboxSettings) -> None:
     for key in ("p429", "p500", "p502", "pdrop", "prefuse", "precord_retry"):
         _range(f"sandbox.{key}", getattr(s, key), 0.0, 1.0)
-    for key in ("latency_ms", "jitter_ms", "retry_after_s", "rate_limit_rps", "credits",
-                "credits_per_record", "max_image_bytes"):
-        _range(f"sandbox.{key}", getattr(s, key), 0)
+    for key, hi in (("latency_ms", 600_000), ("jitter_ms", 600_000), ("retry_after_s", 3_600),
+                    ("rate_limit_rps", 1_000_000), ("credits", 10**15),
+                    ("credits_per_record", 10**9), ("max_image_bytes", 10**12)):
+        _range(f"sandbox.{key}", getattr(s, key), 0, hi)
     _range("sandbox.max_records", s.max_records, 1, 100)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from runner.errors import SourceError, brief
 from runner.job import SourceConfig, is_url
-from runner.records import Item
+from runner.records import Item, text_safe
 from runner.storage import HTTP, LOCAL, fingerprint_of, fs_for, listing_reason, protocol
 
 log = logging.getLogger("ximrun.sources")
@@ -35,6 +35,10 @@ MISSING_FINGERPRINT = "missing"
 _STAT_THREADS = 16
 _STAT_WINDOW = 256
 _MAX_DUPLICATES_NAMED = 10
+# A manifest line longer than this is skipped unread past it: one hostile line (a file with no
+# newline at all) must not be held in memory whole.
+MAX_LINE_BYTES = 16 * 2**20
+_TOO_LONG = "\x00line too long\n"  # what stands for such a line in the text stream
 
 
 @dataclass(frozen=True)
@@ -113,19 +117,23 @@ def _stat_found(t: _Target, source: SourceConfig) -> Item | str:
         return Item(key=t.key, uri=t.uri, size=None, fingerprint=f"url:{t.uri}", extra=t.extra)
     try:
         if scheme in LOCAL:
+            if not source.follow_symlinks and os.path.islink(t.uri):
+                return f"not_a_file: {text_safe(t.uri)} is a symlink (source.follow_symlinks = false)"
             st = os.stat(t.uri)
             if stat.S_ISDIR(st.st_mode):
-                return f"not_a_file: {t.uri}"
+                return f"not_a_file: {text_safe(t.uri)}"
+            if not stat.S_ISREG(st.st_mode):
+                return f"not_a_file: {text_safe(t.uri)} (a device, FIFO or socket)"
             return Item(key=t.key, uri=t.uri, size=st.st_size,
                         fingerprint=f"{st.st_size}:{st.st_mtime_ns}", extra=t.extra)
         fs, path = fs_for(t.uri, source)
         info = fs.info(path)
     except FileNotFoundError:
-        return f"missing: {t.uri}"
+        return f"missing: {text_safe(t.uri)}"
     except PermissionError:
-        return f"access_denied: {t.uri}"
+        return f"access_denied: {text_safe(t.uri)}"
     except Exception as exc:  # one unreadable row must not stop the listing
-        return f"read_error: {t.uri}: {brief(exc)}"
+        return text_safe(f"read_error: {t.uri}: {brief(exc)}")
     if info.get("type") != "file":
         return f"not_a_file: {t.uri}"
     return Item(key=t.key, uri=t.uri, size=info.get("size"), fingerprint=fingerprint_of(info),
@@ -162,10 +170,11 @@ def _row_target(fields: Mapping[str, Any], base: str) -> _Target | str:
         if not ident:
             return "no id and no path or url value"
         # An id names a product: it gets a row, failed, so that the catalog sees it.
-        return _Target(uri="", key=ident, has_id=True, extra=extra,
+        return _Target(uri="", key=text_safe(ident), has_id=True, extra=extra,
                        problem="missing: no path or url value")
     uri = _resolve(where, base)
-    return _Target(uri=uri, key=ident or uri, has_id=bool(ident), extra=extra)
+    # The key as text SQLite can hold: a lone surrogate (a JSON "\ud800") is escaped.
+    return _Target(uri=uri, key=text_safe(ident or uri), has_id=bool(ident), extra=extra)
 
 
 def _resolve(where: str, base: str) -> str:
@@ -207,9 +216,31 @@ def _manifest_rows(manifest: str, source: SourceConfig) -> Iterator[tuple[int, d
         raise SourceError(f"{manifest}: cannot be read: {brief(exc)}") from None
 
 
-def _decoded_lines(handle: Iterable[bytes], bad: set[int]) -> Iterator[str]:
-    """Text lines (BOM dropped); the numbers of lines that were not UTF-8 go into bad."""
-    for number, raw in enumerate(handle, 1):
+def _lines(handle: Any) -> Iterator[bytes | None]:
+    """The handle's lines; None for a line over MAX_LINE_BYTES, whose rest is read and dropped a
+    megabyte at a time."""
+    while True:
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) <= MAX_LINE_BYTES:
+            yield raw
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = handle.readline(2**20)
+        yield None
+
+
+def _decoded_lines(handle: Any, bad: set[int], long: set[int] | None = None
+                   ) -> Iterator[str]:
+    """Text lines (BOM dropped); the numbers of lines that were not UTF-8 go into bad, those
+    over MAX_LINE_BYTES into long (and stand as _TOO_LONG)."""
+    for number, raw in enumerate(_lines(handle), 1):
+        if raw is None:
+            if long is not None:
+                long.add(number)
+            yield _TOO_LONG
+            continue
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         try:
@@ -221,18 +252,37 @@ def _decoded_lines(handle: Iterable[bytes], bad: set[int]) -> Iterator[str]:
 
 def _csv_rows(manifest: str, handle: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any] | str]]:
     bad: set[int] = set()
-    reader = csv.reader(_decoded_lines(handle, bad))
+    long: set[int] = set()
+    reader = csv.reader(_decoded_lines(handle, bad, long))
     header: list[str] | None = None
     end = 0
-    for values in reader:
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            # A cell over the csv module's field limit (or a stray quote): this row, not the
+            # manifest, is malformed.
+            start, end = end + 1, reader.line_num
+            if header is None:
+                raise SourceError(f"{manifest}: the header cannot be parsed: {brief(exc)}") from None
+            yield start, f"cannot be parsed: {brief(exc)}"
+            continue
         start, end = end + 1, reader.line_num
         if not values:
+            continue
+        if long & set(range(start, end + 1)):
+            if header is None:
+                raise SourceError(f"{manifest}: the header is over {MAX_LINE_BYTES} bytes")
+            yield start, f"a line over {MAX_LINE_BYTES} bytes"
             continue
         if header is None:
             header = [h.strip() for h in values]
             if not {"path", "url"} & {h.lower() for h in header}:
                 raise SourceError(f"{manifest}: the header has neither a path nor a url column "
                                   f"(columns: {', '.join(header)})")
+            _refuse_reserved(manifest, header, 1)
             continue
         if bad & set(range(start, end + 1)):
             yield start, "not valid UTF-8"
@@ -247,7 +297,11 @@ def _csv_rows(manifest: str, handle: Iterable[bytes]) -> Iterator[tuple[int, dic
 
 def _jsonl_rows(manifest: str, handle: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any] | str]]:
     bad: set[int] = set()
-    for number, text in enumerate(_decoded_lines(handle, bad), 1):
+    long: set[int] = set()
+    for number, text in enumerate(_decoded_lines(handle, bad, long), 1):
+        if number in long:
+            yield number, f"a line over {MAX_LINE_BYTES} bytes"
+            continue
         if not text.strip():
             continue
         if number in bad:
@@ -261,7 +315,18 @@ def _jsonl_rows(manifest: str, handle: Iterable[bytes]) -> Iterator[tuple[int, d
         if not isinstance(row, dict):
             yield number, f"a JSON object was expected, got {type(row).__name__}"
         else:
+            _refuse_reserved(manifest, row, number)
             yield number, row
+
+
+def _refuse_reserved(manifest: str, columns: Iterable[str], line: int) -> None:
+    """A column named like a field ximrun builds (`_id`, `_url`, `_base64`, anything starting
+    with `_`) would be sent inside the record: the manifest is refused before anything is sent."""
+    for name in columns:
+        if str(name).strip().startswith("_"):
+            raise SourceError(f"{manifest}:{line}: the column {text_safe(str(name))!r} is named "
+                              "like a field of the request record (names starting with '_' are "
+                              "reserved); rename or drop it")
 
 
 def check_manifest(source: SourceConfig) -> None:

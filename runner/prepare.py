@@ -39,7 +39,7 @@ def prepare_items(job: Job, items: Sequence[Item]) -> list[Ready | Refused]:
         if out[i] is None:
             to_read.append(i)
     for group in fetch_groups(items, to_read):
-        data = read_many([items[i] for i in group], job.source)
+        data = read_many([items[i] for i in group], job.source, limit=policy.max_bytes)
         for i, got in zip(group, data, strict=True):
             if isinstance(got, ReadError):
                 out[i] = Refused(items[i], str(got), read_failed=True)
@@ -117,7 +117,7 @@ def prepare_smaller(job: Job, ready: Ready) -> RequestRecord | None:
     side = max(ready.width or 0, ready.height or 0) or job.images.max_side
     policy = replace(job.images, max_side=max(64, side // 2))
     try:
-        data = read_bytes(ready.item, job.source)
+        data = read_bytes(ready.item, job.source, limit=job.images.max_bytes)
     except ReadError:
         return None
     smaller = images.prepare_image(data, policy)

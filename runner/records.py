@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +10,77 @@ from typing import Any
 # Final and non-final states of an image (docs/contract.md, "Image states").
 PENDING, DONE, FAILED, REJECTED = "pending", "done", "failed", "rejected"
 STATES = (PENDING, DONE, FAILED, REJECTED)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    # U+DC80..U+DCFF is how Python carries an undecodable byte of a file name (surrogateescape).
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def text_safe(text: str) -> str:
+    """Text SQLite (and UTF-8 output) can hold: a file name byte that is not UTF-8 becomes
+    `\\xNN` (its value in hex), any other lone surrogate (a JSON `\\ud800`) `\\uNNNN`; valid text
+    is returned unchanged (docs/schema.md, "Keys")."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return _SURROGATE.sub(_escape_surrogate, text)
+
+
+# Query parameters whose value is a secret: API keys, tokens, signatures of presigned URLs (S3's
+# X-Amz-Signature and session token, GCS's X-Goog-*, Azure's sig), passwords.
+SECRET_PARAM = re.compile(
+    r"(?i)^(?:.*(?:key|token|secret|passw(?:or)?d|pwd|signature|credential|auth|session).*"
+    r"|sig|awsaccesskeyid|code)$")
+_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s\"'<>]+")
+REDACTED = "REDACTED"
+
+
+def url_without_secrets(url: str) -> str:
+    """The URL as it may be stored or shown: a password in `user:password@` and the values of
+    secret-looking query parameters (api_key, token, X-Amz-Signature, X-Amz-Security-Token, sig,
+    ...) replaced by REDACTED. Anything else is kept, so the URL still says where it points."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(SECRET_PARAM.match(k) for k, _ in pairs):
+            query = urlencode([(k, REDACTED if SECRET_PARAM.match(k) else v) for k, v in pairs],
+                              safe="/:")
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def text_without_secret_urls(text: str) -> str:
+    """Every URL inside a text with its secrets removed (url_without_secrets)."""
+    if "://" not in text:
+        return text
+    return _URL.sub(lambda m: url_without_secrets(m.group()), text)
+
+
+def json_text_safe(value: Any) -> Any:
+    """A JSON value (an API's answer) with every string, keys included, made text_safe."""
+    if isinstance(value, str):
+        return text_safe(value)
+    if isinstance(value, dict):
+        return {text_safe(k) if isinstance(k, str) else k: json_text_safe(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_text_safe(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)

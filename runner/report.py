@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from runner.commit import check_db_path, readonly_uri, storage_errors
 from runner.errors import JobError, StateError
 from runner.job import Job
 from runner.limits import job_figures
@@ -268,7 +269,11 @@ def resend_stats(store: Store, job: str, *, running_run: int | None = None) -> d
             "images_in_requests_without_answer": len({k for u in lost for k in u["keys"]})}
 
 def _connect_ro(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    """A read-only connection (an escaped file: URI: `#`, `?` and `%` in the path work, and no
+    file is created); DatabaseError, naming the file, for one that cannot be opened."""
+    check_db_path(path)
+    with storage_errors(path):
+        conn = sqlite3.connect(readonly_uri(path), uri=True, timeout=30)
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -292,7 +297,9 @@ def stored_rows(path: Path, job: str, state: str | None = None, *, run: int | No
     # A separate cursor on a read-only connection streams without holding the writer's lock.
     conn = _connect_ro(path)
     try:
-        for row in conn.execute(q, args):
+        with storage_errors(path):
+            rows = conn.execute(q, args)
+        for row in _mapped_rows(rows, path):
             d = dict(row)
             # A pending image's previous answer is kept for reuse, but it is not its answer.
             pending = d["state"] == "pending"
@@ -301,6 +308,16 @@ def stored_rows(path: Path, job: str, state: str | None = None, *, run: int | No
             yield d
     finally:
         conn.close()
+
+
+def _mapped_rows(rows: Iterator[Any], path: Path) -> Iterator[Any]:
+    """The rows, a storage error met on the way (a corrupt page) raised as DatabaseError."""
+    while True:
+        with storage_errors(path):
+            row = next(rows, None)
+        if row is None:
+            return
+        yield row
 
 
 def retry_failed(job: Job, reason_like: str | None = None) -> int:

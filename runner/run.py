@@ -23,7 +23,15 @@ from runner.errors import AuthError, ExitCode, SourceError
 from runner.job import Job
 from runner.limits import DURATION, MONEY, NO_LIMIT, Limits, stop_message
 from runner.prepare import prep_signature, prepare_smaller
-from runner.records import FAILED, PENDING, Item, Ready, RecordOutcome, Refused
+from runner.records import (
+    FAILED,
+    PENDING,
+    Item,
+    Ready,
+    RecordOutcome,
+    Refused,
+    url_without_secrets,
+)
 from runner.sources import check_sources, iter_chunks, list_items
 from runner.store import BatchAnswer, Store, reused_record
 from runner.summary import KIND_COUNTERS, ProgressFn, RunOptions, Summary
@@ -61,9 +69,13 @@ def submit_prepared(job: Job, client: ApiClient, batch: Sequence[Ready],
              if (smaller := prepare_smaller(job, by_key[o.id])) is not None]
     if not again:
         return outcomes
-    second = {o.id: o for o in client.submit_batch(again, on_attempt=on_attempt,
-                                                   on_unsent=on_unsent, on_lost=on_lost,
-                                                   may_send=may_send)}
+    try:
+        second = {o.id: o for o in client.submit_batch(again, on_attempt=on_attempt,
+                                                       on_unsent=on_unsent, on_lost=on_lost,
+                                                       may_send=may_send)}
+    except AuthError as exc:
+        exc.first_unbilled = False  # the batch's first request was the one before the resend
+        raise
     return [second.get(o.id, o) for o in outcomes]
 
 
@@ -164,7 +176,8 @@ class Run:
         s = self.summary
         started = time.monotonic()
         self.run_id = self.store.begin_run(self.job.name, pid=os.getpid(),
-                                           endpoint=self.job.api.endpoint, budget=self.budget)
+                                           endpoint=url_without_secrets(self.job.api.endpoint),
+                                           budget=self.budget)
         s.run_id = self.run_id
         self.report()  # the caller learns the run's id at once (a second Ctrl-C records it)
         stopped_by: str | None = None
@@ -362,8 +375,10 @@ class Run:
         try:
             outcomes = submit_prepared(self.job, self.client, batch, on_attempt, on_unsent,
                                        on_lost, lambda ids, attempt: self.may_send(batch_no))
-        except AuthError:
+        except AuthError as exc:
             self.unreserve(len(batch))
+            if exc.refused_request and requests:
+                self.drop_refused_attempt(batch_no, requests)
             raise
         return self.record_answers(batch_no, batch, outcomes)
 
@@ -391,6 +406,11 @@ class Run:
         self.store.forget_attempt(self.run_id, batch_no, attempt)
         with self._lock:
             self.summary.requests -= 1
+
+    def drop_refused_attempt(self, batch_no: int, attempt: int) -> None:
+        """A request refused with 401/403 was not billed: its row goes as a request that never
+        connected does, so that status does not list its images as possibly billed."""
+        self.forget_attempt(batch_no, attempt)
 
     def unreserve(self, n: int) -> None:
         self.limits.unreserve(n * self.per_image)

@@ -7,6 +7,7 @@ ListObjectsV2 page at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -21,7 +22,7 @@ from fsspec.spec import AbstractFileSystem
 from runner.errors import SourceError
 from runner.job import SourceConfig
 from runner.manifest import SkipFn, check_manifest, list_manifest
-from runner.records import Item
+from runner.records import Item, text_safe
 from runner.storage import HTTP, LOCAL, S3, filesystem, fingerprint_of, listing_reason, protocol
 
 log = logging.getLogger("ximrun.sources")
@@ -40,7 +41,9 @@ def list_items(source: SourceConfig, on_skip: SkipFn | None = None) -> Iterator[
       (fnmatch, case-sensitive, `*` also crosses `/`) tried against the path relative to the root
       ("cards/a.jpg") and against the base name ("a.jpg"); an empty `include` keeps everything;
     - hidden entries (a path segment starting with ".") are skipped, as are folders and S3
-      "folder marker" keys ending in "/"; symlinked folders are not followed (no loops).
+      "folder marker" keys ending in "/"; only regular files are listed (no devices, FIFOs or
+      sockets); symlinks are skipped unless `follow_symlinks` (then a folder reached twice is
+      walked once: no loops). A root that is itself a symlink is followed: it was named.
 
     A root named as a single file bypasses the hidden rule but not include/exclude. Manifest rows
     bypass both: the manifest is an explicit list. A root that is missing or cannot be listed at
@@ -140,9 +143,10 @@ def _list_local(root: str, source: SourceConfig) -> Iterator[Item]:
     if not os.path.lexists(path) and (split := _split_glob(path)) is not None:
         base, pattern = split
         regex = _glob_regex(pattern)
-        for full, rel, st in _walk_local(base.rstrip("/") or "/", root, _glob_depth(pattern)):
-            if regex.match(rel) and _wanted(rel, source):
-                yield _local_item(full, st)
+        for full, rel, st in _walk_local(base.rstrip("/") or "/", root, _glob_depth(pattern),
+                                         source.follow_symlinks):
+            if regex.match(rel) and _wanted(rel, source) and (item := _local_item(full, st)):
+                yield item
         return
     try:
         st = os.stat(path)
@@ -151,17 +155,30 @@ def _list_local(root: str, source: SourceConfig) -> Iterator[Item]:
     except OSError as exc:
         raise SourceError(f"{root}: cannot be read: {exc.strerror or exc}") from None
     if not stat.S_ISDIR(st.st_mode):
-        if _wanted(os.path.basename(path), source):
-            yield _local_item(path, st)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceError(f"{root}: not a regular file (a device, FIFO or socket): ximrun "
+                              "reads regular files only")
+        if _wanted(os.path.basename(path), source) and (item := _local_item(path, st)):
+            yield item
         return
-    for full, rel, st in _walk_local(path, root, None if source.recursive else 1):
-        if _wanted(rel, source):
-            yield _local_item(full, st)
+    for full, rel, st in _walk_local(path, root, None if source.recursive else 1,
+                                     source.follow_symlinks):
+        if _wanted(rel, source) and (item := _local_item(full, st)):
+            yield item
 
 
-def _walk_local(top: str, root: str, maxdepth: int | None) -> Iterator[tuple[str, str, os.stat_result]]:
-    """(path, path relative to top with "/", stat) of every visible file below top."""
+def _walk_local(top: str, root: str, maxdepth: int | None, follow: bool = False
+                ) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(path, path relative to top with "/", stat) of every visible regular file below top.
+
+    Symlinks are skipped unless `follow`; then each folder is walked once, however many links
+    lead to it."""
     pending = [(top, "", 1)]
+    seen: set[tuple[int, int]] = set()
+    if follow:
+        with contextlib.suppress(OSError):
+            st = os.stat(top)
+            seen.add((st.st_dev, st.st_ino))
     while pending:
         folder, rel_folder, depth = pending.pop()
         try:
@@ -178,20 +195,39 @@ def _walk_local(top: str, root: str, maxdepth: int | None) -> Iterator[tuple[str
                     continue
                 rel = rel_folder + entry.name
                 try:
-                    if entry.is_dir(follow_symlinks=False):
-                        if maxdepth is None or depth < maxdepth:
-                            pending.append((entry.path, rel + "/", depth + 1))
-                        continue
-                    if not entry.is_file():  # sockets, fifos, dangling links
-                        continue
-                    st = entry.stat()
+                    if entry.is_symlink():
+                        if not follow:
+                            log.debug("not following the symlink %s (source.follow_symlinks)",
+                                      text_safe(entry.path))
+                            continue
+                        st = os.stat(entry.path)  # dangling: OSError, not listed
+                    else:
+                        st = entry.stat(follow_symlinks=False)
                 except OSError:  # vanished between scandir and stat: not listed, nothing lost
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    if follow:
+                        if (st.st_dev, st.st_ino) in seen:
+                            continue
+                        seen.add((st.st_dev, st.st_ino))
+                    if maxdepth is None or depth < maxdepth:
+                        pending.append((entry.path, rel + "/", depth + 1))
+                    continue
+                if not stat.S_ISREG(st.st_mode):  # sockets, FIFOs, devices
                     continue
                 yield entry.path, rel, st
 
 
-def _local_item(path: str, st: os.stat_result) -> Item:
-    return Item(key=path, uri=path, size=st.st_size, fingerprint=f"{st.st_size}:{st.st_mtime_ns}")
+def _local_item(path: str, st: os.stat_result) -> Item | None:
+    """The file's Item; its key is `path` as text SQLite can hold (a name that is not UTF-8 is
+    escaped, records.text_safe), while `uri` keeps the name as the system spells it. None, with
+    a warning, when the escaped key is also the name of another file: never two images, one key."""
+    key = text_safe(path)
+    if key != path and os.path.lexists(key):
+        log.warning("skipped %s: its name is not UTF-8 and its escaped form names another file",
+                    key)
+        return None
+    return Item(key=key, uri=path, size=st.st_size, fingerprint=f"{st.st_size}:{st.st_mtime_ns}")
 
 
 # S3: ListObjectsV2 page by page
@@ -290,7 +326,7 @@ def _list_fsspec(root: str, protocol: str, source: SourceConfig) -> Iterator[Ite
         if (not single and _hidden(rel)) or not _wanted(rel, source):
             continue
         uri = name if protocol in HTTP else fs.unstrip_protocol(name)
-        yield Item(key=uri, uri=uri, size=info.get("size"), fingerprint=fingerprint_of(info))
+        yield Item(key=text_safe(uri), uri=uri, size=info.get("size"), fingerprint=fingerprint_of(info))
 
 
 def iter_chunks(items: Iterable[Any], size: int | Callable[[], int]) -> Iterator[list[Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from fsspec.spec import AbstractFileSystem
 
 from runner.errors import ReadError, brief
 from runner.job import SourceConfig, is_url
-from runner.records import Item
+from runner.records import Item, text_safe
 
 S3 = ("s3", "s3a")
 HTTP = ("http", "https")
@@ -42,47 +43,117 @@ def local_path(uri: str) -> str:
     return uri.split("://", 1)[1] if is_url(uri) else uri
 
 
-def read_bytes(item: Item, source: SourceConfig, max_bytes: int | None = None) -> bytes:
+def read_bytes(item: Item, source: SourceConfig, max_bytes: int | None = None, *,
+               limit: int | None = None) -> bytes:
     """The item's bytes (or only the first max_bytes); ReadError "not_found: ...", "access_denied:
-    ..." or "read_error: ..." when they cannot be had. Safe to call from many threads at once."""
+    ...", "too_large_file: ..." (more than `limit` bytes: never read) or "read_error: ..." when
+    they cannot be had. Only regular files are read, and opening one never blocks (a FIFO put in
+    a file's place is refused, not waited on). Safe to call from many threads at once."""
     uri = item.uri
     try:
         if is_local(uri):
-            # Plain open() costs a third of fsspec's path handling.
-            with open(local_path(uri), "rb") as fh:
-                return fh.read() if max_bytes is None else fh.read(max_bytes)
+            return _read_local(uri, max_bytes, limit)
+        if max_bytes is None and limit is not None and item.size is not None \
+                and item.size > limit:
+            raise _too_large(uri, item.size, limit)
         fs, path = fs_for(uri, source)
-        if max_bytes is None:
+        if max_bytes is not None:
+            return fs.cat_file(path, start=0, end=max_bytes)
+        if limit is None:
             return fs.cat_file(path)
-        return fs.cat_file(path, start=0, end=max_bytes)
+        return _read_bounded(fs, path, uri, limit)
     except Exception as exc:
         raise _read_error(exc, uri) from None
 
 
-def read_many(items: Sequence[Item], source: SourceConfig) -> list[bytes | ReadError]:
+def _read_bounded(fs: AbstractFileSystem, path: str, uri: str, limit: int) -> bytes:
+    """An object of unknown size, read no further than limit + 1 bytes, a piece at a time: a
+    server that ignores Range (or streams without end) is not read whole."""
+    with fs.open(path, "rb") as fh:
+        size = getattr(fh, "size", None)
+        if isinstance(size, int) and size > limit:
+            raise _too_large(uri, size, limit)
+        chunks: list[bytes] = []
+        total = 0
+        while total <= limit:
+            chunk = fh.read(min(2**20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    if total > limit:
+        raise _too_large(uri, None, limit)
+    return b"".join(chunks)
+
+
+# O_NONBLOCK: opening a FIFO does not wait for a writer (POSIX; Windows has no FIFOs to open).
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _read_local(uri: str, max_bytes: int | None, limit: int | None) -> bytes:
+    # Plain os.open() costs a third of fsspec's path handling.
+    fd = os.open(local_path(uri), _OPEN_FLAGS)
+    with open(fd, "rb", closefd=True) as fh:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(uri)
+        if not stat.S_ISREG(st.st_mode):
+            raise ReadError(f"read_error: {text_safe(uri)} is not a regular file (a device, "
+                            "FIFO or socket)")
+        if max_bytes is not None:
+            return fh.read(max_bytes)
+        if limit is None:
+            return fh.read()
+        if st.st_size > limit:
+            raise _too_large(uri, st.st_size, limit)
+        data = fh.read(limit + 1)  # a file that grew since: still never more than limit + 1
+        if len(data) > limit:
+            raise _too_large(uri, None, limit)
+        return data
+
+
+def _too_large(uri: str, size: int | None, limit: int) -> ReadError:
+    what = f"{size} bytes" if size is not None else "larger"
+    return ReadError(f"too_large_file: {text_safe(uri)} is {what}, over images.max_bytes "
+                     f"({limit})")
+
+
+def read_many(items: Sequence[Item], source: SourceConfig, limit: int | None = None
+              ) -> list[bytes | ReadError]:
     """Every item's bytes, or the ReadError that says why not, in order. Objects of an
-    asynchronous filesystem (S3, HTTP, ...) are fetched at the same time, the rest one by one."""
+    asynchronous filesystem (S3, HTTP, ...) are fetched at the same time, the rest one by one.
+    An object larger than `limit` bytes is not fetched (its listed size says so) or not past
+    limit + 1 bytes (its size unknown): "too_large_file"."""
     out: list[bytes | ReadError | None] = [None] * len(items)
     remote: dict[int, tuple[AbstractFileSystem, list[tuple[int, str]]]] = {}
     for i, item in enumerate(items):
+        if limit is not None and item.size is not None and item.size > limit:
+            out[i] = _too_large(item.uri, item.size, limit)
+            continue
         if not is_local(item.uri):
             try:
                 fs, path = fs_for(item.uri, source)
             except Exception as exc:
                 out[i] = _read_error(exc, item.uri)
                 continue
-            if getattr(fs, "async_impl", False):
+            # Fetched together when the size is known (and checked); otherwise read bounded.
+            if getattr(fs, "async_impl", False) and (limit is None or item.size is not None):
                 remote.setdefault(id(fs), (fs, []))[1].append((i, path))
                 continue
         try:
-            out[i] = read_bytes(item, source)
+            out[i] = read_bytes(item, source, limit=limit)
         except ReadError as exc:
             out[i] = exc
     for fs, paths in remote.values():
         # fs.cat would expand glob characters in keys; each object's own coroutine does not.
         got = fsspec.asyn.sync(fs.loop, _cat_all, fs, [path for _, path in paths])
         for (i, _), data in zip(paths, got, strict=True):
-            out[i] = _read_error(data, items[i].uri) if isinstance(data, BaseException) else data
+            if isinstance(data, BaseException):
+                out[i] = _read_error(data, items[i].uri)
+            elif limit is not None and len(data) > limit:  # it grew since it was listed
+                out[i] = _too_large(items[i].uri, None, limit)
+            else:
+                out[i] = data
     return out  # type: ignore[return-value]
 
 
@@ -94,6 +165,7 @@ def _read_error(exc: BaseException, uri: str) -> ReadError:
     """The reason an item's bytes could not be read, from whatever its backend raised."""
     if isinstance(exc, ReadError):
         return exc
+    uri = text_safe(uri)  # a reason is stored: SQLite text is UTF-8
     if isinstance(exc, FileNotFoundError):
         return ReadError(f"not_found: {uri}")
     if isinstance(exc, PermissionError):
@@ -106,7 +178,7 @@ def _read_error(exc: BaseException, uri: str) -> ReadError:
         return ReadError(f"not_found: {uri}")
     if status in (401, 403):
         return ReadError(f"access_denied: {uri}")
-    return ReadError(f"read_error: {uri}: {brief(exc)}")
+    return ReadError(text_safe(f"read_error: {uri}: {brief(exc)}"))
 
 
 def presign(item: Item, source: SourceConfig, expires_s: int = 3600) -> str | None:

@@ -25,7 +25,7 @@ from runner.classify import (
 )
 from runner.commit import CommitStats, Database
 from runner.errors import DatabaseError
-from runner.records import Item, RecordOutcome
+from runner.records import Item, RecordOutcome, text_safe
 from runner.schema import SCHEMA_VERSION, check_version, create_views, migrate
 
 RUN_COUNTERS = ("listed", "requests", "sent", "done", "failed", "rejected", "reused", "credits",
@@ -138,13 +138,14 @@ class Store:
         self.db = Database(path, create=create, deferred=self._counts)
         self.path = self.db.path
         self._listed_all: str | None = None  # the job whose every row this run listed
-        self._json_each = _has_json_each(self.db.conn)
         try:
-            with self.db.lock:
-                if create:
-                    migrate(self.db.conn, str(self.path))
-                    create_views(self.db.conn)
-                self.version = check_version(self.db.conn, str(self.path))
+            with self.db.mapped():
+                self._json_each = _has_json_each(self.db.conn)
+                with self.db.lock:
+                    if create:
+                        migrate(self.db.conn, str(self.path))
+                        create_views(self.db.conn)
+                    self.version = check_version(self.db.conn, str(self.path))
         except BaseException:
             self.db.close()
             raise
@@ -307,8 +308,9 @@ class Store:
             # bytes turn out unchanged (a touched file), find_answer reuses it for free.
             "state = 'pending', reason = NULL, updated_at = excluded.updated_at, "
             "extra = excluded.extra",
-            [(job, x.item.key, x.item.uri, x.item.size, x.item.fingerprint, run_id, now, now,
-              extra_json(x.item.extra))
+            # uri as text SQLite can hold; the key already is (sources.py, manifest.py).
+            [(job, x.item.key, text_safe(x.item.uri), x.item.size, x.item.fingerprint, run_id,
+              now, now, extra_json(x.item.extra))
              for x in out.listed if x.kind in (NEW, CHANGED, CHANGED_REQUEST)])
         changed = [it for it in acting if it.extra]
         if changed:
@@ -362,7 +364,7 @@ class Store:
             c.executemany(
                 "UPDATE items SET state = 'rejected', reason = ?, prep_sig = ?, updated_at = ?, "
                 "recorded_run = ? WHERE job = ? AND key = ?",
-                [(reason, prep_sig, now, run_id, job, it.key) for it, reason in rejected])
+                [(text_safe(reason), prep_sig, now, run_id, job, it.key) for it, reason in rejected])
             self._counts.add(run_id, rejected=len(rejected))
 
         self.db.write(mark)
@@ -376,7 +378,7 @@ class Store:
         def mark(c: sqlite3.Connection) -> None:
             c.executemany("UPDATE items SET state = 'failed', reason = ?, updated_at = ?, "
                           "recorded_run = ? WHERE job = ? AND key = ?",
-                          [(reason, now, run_id, job, it.key) for it, reason in failed])
+                          [(text_safe(reason), now, run_id, job, it.key) for it, reason in failed])
             self._counts.add(run_id, failed=len(failed))
 
         self.db.write(mark)
@@ -444,6 +446,17 @@ class Store:
         """Before a request leaves: these images are in flight (and may be billed). Returns once
         the row is committed."""
         self.db.write_waited("record_attempt", self._attempt_row(job, run_id, batch, attempt, keys))
+
+    def drop_attempt(self, run_id: int, batch: int, attempt: int) -> None:
+        """A request the API refused (401/403) was not billed: its row is deleted, so that status
+        does not list its images as possibly billed."""
+        def drop(c: sqlite3.Connection) -> None:
+            cur = c.execute("DELETE FROM attempts WHERE run_id = ? AND batch = ? AND attempt = ? "
+                            "AND closed_at IS NULL", (run_id, batch, attempt))
+            if cur.rowcount:
+                self._counts.add(run_id, requests=-cur.rowcount)
+
+        self.db.write_waited("drop_attempt", drop)
 
     def _attempt_row(self, job: str, run_id: int, batch: int, attempt: int,
                      keys: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
@@ -515,11 +528,13 @@ class Store:
                     rows_followers.append((a.item.key, job, f.key))
             else:
                 failed += 1
-                rows_failed.append((o.reason, result, a.content_hash, now, run_id, job,
+                # The API's text may hold a lone surrogate (a JSON "\ud800"): stored escaped.
+                reason = text_safe(o.reason) if o.reason is not None else None
+                rows_failed.append((reason, result, a.content_hash, now, run_id, job,
                                     a.item.key))
                 for f in a.followers:
                     failed += 1
-                    rows_failed.append((f"same bytes as {a.item.key}: {o.reason}", None,
+                    rows_failed.append((f"same bytes as {a.item.key}: {reason}", None,
                                         a.content_hash, now, run_id, job, f.key))
 
         def record(c: sqlite3.Connection) -> None:

@@ -4,9 +4,12 @@ CA bundle the environment names, and an adaptive limit on the requests in flight
 
 from __future__ import annotations
 
+import heapq
 import http.client
+import itertools
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.request
@@ -113,6 +116,165 @@ def never_sent(exc: TransportError) -> bool:
     return isinstance(exc, (ConnectTimeoutError, ProxyError))
 
 
+_current = threading.local()
+
+
+class Deadline:
+    """A whole request's time limit (connect, send and the answer's last byte), not one socket
+    read's: past it the request's socket is shut down, so a server dripping a byte at a time
+    cannot keep a request (or a stop waiting for it) open. Use as a context manager around the
+    request and the reading of its answer, on the thread that makes the request. One watchdog
+    thread serves every deadline of the process."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self.finished = False
+        self.when = 0.0
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Deadline:
+        _current.deadline = self
+        self.when = time.monotonic() + self.seconds
+        _WATCHDOG.add(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _current.deadline = None
+        with self._lock:
+            self.finished = True
+            self._conn = None
+
+    def attach(self, conn: Any) -> None:
+        """The connection carrying the request (called by the connection itself)."""
+        with self._lock:
+            self._conn = conn
+            if self.expired:
+                _shut(conn)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self.expired = True
+            if self._conn is not None:
+                _shut(self._conn)
+
+
+class _Watchdog:
+    """Expires deadlines in time order on one daemon thread (a timer thread per request would
+    cost more than many requests do)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, deadline: Deadline) -> None:
+        with self._cond:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                # First use, or a forked child (which has no copy of the parent's thread).
+                self._heap = [e for e in self._heap if not e[2].finished]
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="ximrun-deadlines",
+                                                daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, (deadline.when, next(self._seq), deadline))
+            if self._heap[0][2] is deadline:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][2].finished:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                when = self._heap[0][0]
+                now = time.monotonic()
+                if when > now:
+                    self._cond.wait(when - now)
+                    continue
+                _, _, deadline = heapq.heappop(self._heap)
+                deadline.expire()
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _shut(conn: Any) -> None:
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _DeadlineConnection:
+    """Mixed into urllib3's connections: tells the thread's Deadline which connection to cut."""
+
+    def connect(self) -> None:
+        deadline = getattr(_current, "deadline", None)
+        if deadline is not None:
+            deadline.attach(self)
+        super().connect()  # type: ignore[misc]
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        deadline = getattr(_current, "deadline", None)
+        if deadline is not None:
+            deadline.attach(self)
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _HTTPConnection(_DeadlineConnection, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_DeadlineConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class AnswerTooLarge(Exception):
+    """An answer's decoded body passed its cap."""
+
+
+def read_capped(resp: urllib3.BaseHTTPResponse, cap: int) -> bytes:
+    """The answer's body, decoded (gzip, deflate), read a bounded piece at a time: never more
+    than `cap` bytes decoded (AnswerTooLarge), so a huge or decompression-bomb answer cannot fill
+    memory. The connection goes back to the pool only after a complete read."""
+    chunks: list[bytes] = []
+    total = 0
+    complete = False
+    try:
+        while True:
+            chunk = resp.read(64 * 1024, decode_content=True)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > cap:
+                raise AnswerTooLarge(f"answer over {cap} bytes decoded")
+            chunks.append(chunk)
+        complete = True
+    finally:
+        if not complete:
+            resp.close()
+        resp.release_conn()
+    return b"".join(chunks)
+
+
 def transport_error(exc: TransportError, timeout: tuple[float, float]) -> str:
     """What went wrong with a request, in a few words, from urllib3's exception."""
     if isinstance(exc, (NewConnectionError, ProxyError)):  # the API or the proxy unreachable
@@ -155,7 +317,7 @@ def pool_manager(endpoint_url: str, size: int, timeout: tuple[float, float],
         ca = certifi.where()
     kw["ca_certs" if os.path.isfile(ca) else "ca_cert_dir"] = ca
     if proxy is None:
-        return urllib3.PoolManager(**kw)
+        return _with_deadlines(urllib3.PoolManager(**kw))
     parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     if parts.scheme not in ("http", "https"):
         raise JobError(f"the proxy for {endpoint_url} is {parts.scheme}://...: ximrun speaks "
@@ -169,7 +331,13 @@ def pool_manager(endpoint_url: str, size: int, timeout: tuple[float, float],
         netloc = f"[{netloc}]"
     if parts.port:
         netloc += f":{parts.port}"
-    return urllib3.ProxyManager(f"{parts.scheme}://{netloc}", proxy_headers=headers, **kw)
+    return _with_deadlines(urllib3.ProxyManager(f"{parts.scheme}://{netloc}",
+                                                proxy_headers=headers, **kw))
+
+
+def _with_deadlines(manager: urllib3.PoolManager) -> urllib3.PoolManager:
+    manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+    return manager
 
 
 def environ_proxy(url: str) -> str | None:

@@ -15,7 +15,7 @@ import click
 from runner.cli.common import fail, load, main, setup_logging
 from runner.cli.run import run as run_command
 from runner.errors import ExitCode, JobError, RunnerError
-from runner.job import ImagePolicy, Job, SandboxSettings, validate_sandbox
+from runner.job import ImagePolicy, Job, SandboxSettings, SourceConfig, validate_sandbox
 
 log = logging.getLogger("ximrun")
 
@@ -26,7 +26,6 @@ def _check_names(files: tuple[str, ...], job: Job | None) -> Any:
     the job's listing would find in it (recursive, include/exclude, hidden entries skipped)."""
     import fsspec
 
-    from runner.job import SourceConfig
     from runner.sources import list_items
 
     for name in files:
@@ -70,21 +69,23 @@ def check(files: tuple[str, ...], job_file: str | None, as_json: bool) -> None:
 
     Exits 1 if any file would be rejected.
     """
-    import fsspec
-
+    from runner.errors import ReadError
     from runner.images import check_bytes
+    from runner.records import Item
+    from runner.storage import read_bytes
 
     setup_logging(0, False)
     job = load(job_file, require_token=False) if job_file else None
     policy = job.images if job else ImagePolicy()
+    source = job.source if job else SourceConfig()
     any_rejected = False
     for name in _check_names(files, job):
         try:
-            with fsspec.open(name, "rb") as fh:
-                data = fh.read()
-        except (OSError, ValueError) as exc:
+            # The run's own reading rules: regular files only, never past images.max_bytes.
+            data = read_bytes(Item(name, name, None, ""), source, limit=policy.max_bytes)
+        except ReadError as exc:
             verdict_d = {"file": name, "action": "reject", "format": None,
-                         "reason": f"unreadable: {exc.__class__.__name__}: {exc}"}
+                         "reason": f"unreadable: {exc}"}
         else:
             v = check_bytes(data, policy)
             verdict_d = {"file": name, "action": v.action, "format": v.format, "reason": v.reason}
@@ -112,7 +113,8 @@ SANDBOX_HELP = {
     "credits_per_record": "What one answered record costs.",
     "max_records": "Records per request at most.",
     "max_image_bytes": "Larger images get a per-record 413 (0: no limit).",
-    "token": "The only token accepted (default: any).",
+    "token": "The only token accepted (default: any). Better from the environment variable "
+             "XIMRUN_SANDBOX_TOKEN: a command line shows in ps.",
     "seed": "Seed of the random faults, so a run can be replayed.",
 }
 

@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Protocol
 
 from runner.client import ApiClient
+from runner.commit import check_db_path, database_error
 from runner.errors import JobError
 from runner.job import Job
 from runner.lock import run_lock
@@ -72,7 +73,11 @@ def run_job(job: Job, options: RunOptions | None = None, *, stop: threading.Even
     stop = stop or threading.Event()
     executor = get_executor(job.executor.kind)  # JobError without the optional `distributed`
     with contextlib.ExitStack() as stack:
-        stack.enter_context(run_lock(job.db_path))
+        check_db_path(job.db_path)  # a folder or /dev/null: refused before its lock is made
+        try:
+            stack.enter_context(run_lock(job.db_path))
+        except OSError as exc:  # the folder cannot hold the lock file: read-only, full, ...
+            raise database_error(exc, job.db_path) from None
         if store is None:
             store = stack.enter_context(Store(job.db_path))
         if client is None:
