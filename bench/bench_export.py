@@ -77,8 +77,9 @@ def run(args: argparse.Namespace) -> list[Figure]:
 
 
 def _fill_database(job_path: Path, n: int) -> float:
+    from runner.answers import utcnow
     from runner.job import load_job
-    from runner.store import Store, utcnow
+    from runner.store import Store
 
     started = time.perf_counter()
     job = load_job(job_path)

@@ -105,10 +105,11 @@ def run(args: argparse.Namespace) -> list[Figure]:
 def _fill_database(job_path: Path, n: int) -> float:
     """Every listed file as `done` for this job's request and policy, as a finished run leaves it."""
     from runner import sources
+    from runner.answers import utcnow
     from runner.job import load_job
     from runner.prepare import prep_signature
     from runner.sources import iter_chunks
-    from runner.store import Store, utcnow
+    from runner.store import Store
 
     started = time.perf_counter()
     job = load_job(job_path)

@@ -7,12 +7,8 @@ connections, proxies, TLS and the adaptive limit on requests in flight are trans
 
 from __future__ import annotations
 
-import base64
-import email.utils
-import json
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,10 +21,9 @@ from urllib3.exceptions import HTTPError as TransportError
 
 from runner import __version__
 from runner.errors import AuthError, brief
-from runner.job import JWT_MIN_LENGTH, ApiConfig
+from runner.job import ApiConfig
 from runner.records import (
     REDACTED,
-    SECRET_PARAM,
     RecordOutcome,
     RequestRecord,
     json_text_safe,
@@ -40,88 +35,36 @@ from runner.transport import (
     AnswerTooLarge,
     Breaker,
     Deadline,
+    Halt,
     environ_proxy,
     never_sent,
     pool_manager,
     read_capped,
     transport_error,
 )
+from runner.wire import (
+    ACCOUNT_PATH,
+    BISECT_HTTP,
+    authorization,
+    body_status,
+    build_body,
+    error_detail,
+    has_content,
+    is_retryable,
+    match_records,
+    parse_answer,
+    parse_retry_after,
+    record_status,
+    url_secrets,
+)
 
 log = logging.getLogger("ximrun.client")
 
-ACCOUNT_PATH = "account/v2/details/"
 STOPPED = "stopped"
-# Whole-request codes worth another try; 501/505 say the request can never work, so not all 5xx.
-RETRY_HTTP = frozenset({408, 429, 500, 502, 503, 504})
-# Whole-request codes that mean "some record in here is the problem": split the batch to find it.
-BISECT_HTTP = frozenset({400, 413})
 
 AttemptFn = Callable[[Sequence[str], int], None]
 # Before each request: None to send it, or why it is withheld (a spending limit, a time window).
 GateFn = Callable[[Sequence[str], int], str | None]
-
-
-def authorization(token: str, scheme: str = "auto") -> str:
-    """The Authorization header: `Token <t>`, or `JWT <t>` for scheme "jwt", or for "auto" when
-    the token has JWT_MIN_LENGTH characters or more."""
-    jwt = scheme == "jwt" or (scheme == "auto" and len(token) >= JWT_MIN_LENGTH)
-    return f"{'JWT' if jwt else 'Token'} {token}"
-
-
-def _is_retryable(code: int) -> bool:
-    return code in RETRY_HTTP or (code >= 500 and code not in (501, 505))
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After value (seconds or an HTTP-date); None if absent or bad."""
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None or when.tzinfo is None:
-            return None  # an HTTP-date is always GMT; a naive date is not one
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
-        return None
-    return max(0.0, seconds)
-
-
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-
-
-def build_body(records: Sequence[RequestRecord], fields: Mapping[str, Any]) -> bytes:
-    """The JSON body: `records` (`_id` plus `_base64` or `_url`) beside the top-level fields."""
-    out = []
-    for r in records:
-        if r.data is not None:
-            image = "_base64"
-        elif r.url is not None:
-            image = "_url"
-        else:
-            raise ValueError(f"record {r.id!r} has neither bytes nor a URL")
-        rec: dict[str, Any] = {"_id": r.id}
-        if image == "_url":
-            rec["_url"] = r.url
-        # Metadata travels with the record but never replaces its id or its image.
-        for key, value in r.extra.items():
-            if key != image:
-                rec.setdefault(key, value)
-        text = _encode(rec).encode("ascii")
-        if image == "_base64":
-            # Base64 needs no JSON escaping: the record is closed around it, not encoded again.
-            text = b"".join((text[:-1], b',"_base64":"', base64.b64encode(r.data), b'"}'))
-        out.append(text)
-    rest = {k: v for k, v in fields.items() if k != "records"}
-    head = _encode(rest).encode("ascii")[:-1] + (b"," if rest else b"")
-    return b"".join((head, b'"records":[', b",".join(out), b"]}"))
 
 
 @dataclass
@@ -137,26 +80,6 @@ class _Submission:
     attempts: dict[str, int] = field(default_factory=dict)
     outcomes: dict[str, RecordOutcome] = field(default_factory=dict)
     last_error: dict[str, tuple[str, int | None]] = field(default_factory=dict)
-
-
-class _Halt:
-    """A stop (a signal) or the breaker open, as one thing to wait on."""
-
-    POLL_S = 0.1
-
-    def __init__(self, stop: threading.Event | None, breaker: Breaker) -> None:
-        self.stop = stop
-        self.breaker = breaker
-
-    def is_set(self) -> bool:
-        return (self.stop is not None and self.stop.is_set()) or self.breaker.is_open()
-
-    def wait(self, timeout: float) -> bool:
-        if self.stop is not None:
-            self.stop.wait(timeout)
-        else:
-            self.breaker.opened.wait(timeout)
-        return self.is_set()
 
 
 @dataclass(frozen=True)
@@ -194,10 +117,10 @@ class ApiClient:
         self.fields = dict(api.fields if fields is None else fields)
         self.limit = AdaptiveLimit(max(1, api.concurrency))
         self.breaker = Breaker(api.breaker_failures, api.breaker_s)
-        self._halt = _Halt(stop, self.breaker)  # a stop, or the breaker open: send nothing more
+        self._halt = Halt(stop, self.breaker)  # a stop, or the breaker open: send nothing more
         self._token = token
         # What of the endpoint URL is secret (a password, an api_key value): never stored.
-        self._url_secrets = _url_secrets(endpoint_url)
+        self._url_secrets = url_secrets(endpoint_url)
         self.shown_endpoint = url_without_secrets(endpoint_url)
         self._refused: AuthError | None = None  # after a 401/403 nothing more is sent
         self._stop = stop
@@ -359,9 +282,9 @@ class ApiClient:
                                       answer.status)
             again.append(r)
         for r, rec in answer.records:
-            code, text = _record_status(rec)
+            code, text = record_status(rec)
             if code is None:
-                if _has_content(rec, r):
+                if has_content(rec, r):
                     # No `_status`, but the service answered with content: trust the HTTP 2xx.
                     self._set_outcome(batch, r, ok=True, record=self._clean(rec), status=answer.status)
                 else:
@@ -373,7 +296,7 @@ class ApiClient:
             reason = f"api {code}: {brief(self._redact(text))}" if text else f"api {code}"
             if 200 <= code < 300:
                 self._set_outcome(batch, r, ok=True, record=self._clean(rec), status=code)
-            elif _is_retryable(code):
+            elif is_retryable(code):
                 throttled = throttled or code == 429
                 batch.last_error[r.id] = (reason, code)
                 again.append(r)
@@ -510,7 +433,7 @@ class ApiClient:
             self._refuse(AuthError(self._auth_message(resp, data)))
         body = parse_answer(data)  # None for a proxy's HTML page: judged by its status code below
         if 200 <= code < 300 and isinstance(body, dict) and isinstance(body.get("records"), list):
-            matched = _match(group, body["records"])
+            matched = match_records(group, body["records"])
             if matched is None:
                 return _Reply("retry", status=code, lost=True, error=(
                     f"bad answer: {len(body['records'])} records for {len(group)} sent"))
@@ -520,7 +443,7 @@ class ApiClient:
             return _Reply("records", status=code, records=pairs, unmatched=unmatched)
         if 200 <= code < 300:
             # Some answers carry the error in the body's own `status`; otherwise it is garbage.
-            inner = _body_status(body)
+            inner = body_status(body)
             if inner is None or 200 <= inner < 300:
                 what = "no records" if isinstance(body, dict) else "not JSON"
                 return _Reply("retry", status=code, lost=True,
@@ -528,20 +451,20 @@ class ApiClient:
             if inner in (401, 403):
                 self._refuse(AuthError(self._auth_message(resp, data, inner)))
             code = inner
-        error = f"http {code}: {self._redact(_detail(resp, data, body))}"
+        error = f"http {code}: {self._redact(error_detail(resp, data, body))}"
         if 300 <= code < 400:
             where = self._redact(resp.headers.get("Location", "?"))
             error = f"http {code}: redirected to {where}; check api.endpoint"
         if code == 429:
             self.limit.on_throttle()
-        if _is_retryable(code):
+        if is_retryable(code):
             # A gateway that timed out waiting (504) may hide a request the service processed
             # and billed; other error answers say it was not processed.
             return _Reply("retry", status=code, error=error, lost=code == 504,
                            retry_after=parse_retry_after(resp.headers.get("Retry-After")))
         if code in BISECT_HTTP:
             return _Reply("bisect", status=code,
-                           error=f"api {code}: {self._redact(_detail(resp, data, body))}")
+                           error=f"api {code}: {self._redact(error_detail(resp, data, body))}")
         return _Reply("fail", status=code, error=error)
 
     # --- plumbing -------------------------------------------------------------------------------
@@ -549,7 +472,7 @@ class ApiClient:
     def _auth_message(self, resp: urllib3.BaseHTTPResponse, data: bytes,
                       code: int | None = None) -> str:
         body = parse_answer(data)
-        detail = self._redact(_detail(resp, data, body))
+        detail = self._redact(error_detail(resp, data, body))
         return (f"the API refused the token (HTTP {code or resp.status}): {detail}; "
                 "check the token variable named in api.token_env")
 
@@ -579,142 +502,6 @@ class ApiClient:
 
 
 # --- answers --------------------------------------------------------------------------------------
-
-
-MAX_ANSWER_DEPTH = 64  # nesting of an answer's JSON: an API record is a few levels deep
-
-
-def parse_answer(data: bytes) -> Any:
-    """The answer's JSON, or None: not JSON, or nested deeper than MAX_ANSWER_DEPTH (a hostile
-    answer nested a million levels deep must not end a run with a RecursionError)."""
-    try:
-        body = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    stack = [(body, 0)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict | list):
-            if depth >= MAX_ANSWER_DEPTH:
-                return None
-            children = value.values() if isinstance(value, dict) else value
-            stack.extend((v, depth + 1) for v in children if isinstance(v, dict | list))
-    return body
-
-
-def _match(group: list[RequestRecord], out: list[Any]
-           ) -> tuple[tuple[tuple[RequestRecord, Mapping[str, Any]], ...],
-                      tuple[RequestRecord, ...]] | None:
-    """Pair each sent record with its answer: (pairs, records left without an answer).
-
-    By `_id` whenever the answer carries any: a record gets the one answer holding its `_id`, and
-    a record with none (or with two) is left unmatched, to be sent again: an answer is never
-    stored on another image. By position only when no answer carries an `_id` at all (a server
-    that does not echo `_id`). None: the counts differ or a record is not an object.
-    """
-    if len(out) != len(group) or not all(isinstance(o, dict) for o in out):
-        return None
-    if not any("_id" in o for o in out):
-        log.info("the answer's records carry no _id; matched by position")
-        return tuple(zip(group, out, strict=True)), ()
-    by_id: dict[str, list[Mapping[str, Any]]] = {}
-    for o in out:
-        if isinstance(o.get("_id"), str):
-            by_id.setdefault(o["_id"], []).append(o)
-    sent_count: dict[str, int] = {}
-    for r in group:
-        sent_count[r.id] = sent_count.get(r.id, 0) + 1
-    pairs: list[tuple[RequestRecord, Mapping[str, Any]]] = []
-    unmatched: list[RequestRecord] = []
-    for r in group:
-        found = by_id.get(r.id, [])
-        if len(found) == 1 and sent_count[r.id] == 1:
-            pairs.append((r, found[0]))
-        else:
-            unmatched.append(r)
-    if unmatched:
-        log.info("the answer's _id values do not match those sent: %d of %d record(s) without "
-                 "an answer of their own", len(unmatched), len(group))
-    elif [o.get("_id") for o in out] != [r.id for r in group]:
-        log.debug("the answer's records are out of order; matched by _id")
-    return tuple(pairs), tuple(unmatched)
-
-
-def _url_secrets(url: str) -> list[str]:
-    """The secret parts of a URL (its password, the values of secret-looking parameters), the
-    longest first; at least 4 characters each, so that redacting them cannot eat a common word."""
-    from urllib.parse import parse_qsl, unquote, urlsplit
-
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return []
-    found = []
-    if parts.password:
-        found += [parts.password, unquote(parts.password)]
-    for k, v in parse_qsl(parts.query, keep_blank_values=True):
-        if SECRET_PARAM.match(k):
-            found.append(v)
-    return sorted({f for f in found if len(f) >= 4}, key=len, reverse=True)
-
-
-def _record_status(rec: Mapping[str, Any]) -> tuple[int | None, str]:
-    for key in ("_status", "status"):
-        value = rec.get(key)
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int):
-            return value, _text_of(rec)
-        if isinstance(value, Mapping) and isinstance(value.get("code"), int):
-            return value["code"], str(value.get("text") or _text_of(rec))
-    return None, ""
-
-
-def _text_of(d: Mapping[str, Any]) -> str:
-    for key in ("text", "detail", "message", "error"):
-        if d.get(key):
-            return str(d[key])
-    return ""
-
-
-def _has_content(rec: Mapping[str, Any], sent: RequestRecord) -> bool:
-    echoed = {"_id", "_url", "_base64", *sent.extra}
-    return any(k not in echoed for k in rec)
-
-
-def _body_status(body: Any) -> int | None:
-    if not isinstance(body, dict):
-        return None
-    value = body.get("status")
-    if isinstance(value, Mapping):
-        value = value.get("code")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _detail(resp: urllib3.BaseHTTPResponse, data: bytes, body: Any) -> str:
-    """A short reason from an error answer: its JSON detail, or the first words of its text."""
-    if isinstance(body, dict):
-        for key in ("detail", "message", "error"):
-            if body.get(key):
-                return brief(str(body[key]))
-        status = body.get("status")
-        if isinstance(status, Mapping) and status.get("text"):
-            return brief(str(status["text"]))
-    text = _text_of_body(resp, data)
-    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
-    if title:
-        text = title.group(1)
-    text = re.sub(r"<[^>]+>", " ", text)
-    return brief(text) or (resp.reason or "no detail")
-
-
-def _text_of_body(resp: urllib3.BaseHTTPResponse, data: bytes) -> str:
-    """The answer's body as text, in the charset its Content-Type names (else UTF-8)."""
-    match = re.search(r"charset=([\w.:-]+)", resp.headers.get("Content-Type", ""), re.I)
-    try:
-        return data.decode(match.group(1) if match else "utf-8", errors="replace")
-    except LookupError:  # a charset Python does not know
-        return data.decode("utf-8", errors="replace")
 
 
 def _retry_reason(batch: _Submission, records: Sequence[RequestRecord]) -> str:

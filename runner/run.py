@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from runner.answers import BatchAnswer, reused_record
 from runner.classify import Classified, Listed
 from runner.client import ApiClient, AttemptFn, GateFn
 from runner.errors import AuthError, ExitCode, SourceError
@@ -33,7 +34,7 @@ from runner.records import (
     url_without_secrets,
 )
 from runner.sources import check_sources, iter_chunks, list_items
-from runner.store import BatchAnswer, Store, reused_record
+from runner.store import Store
 from runner.summary import KIND_COUNTERS, ProgressFn, RunOptions, Summary
 
 log = logging.getLogger("ximrun.run")
@@ -239,7 +240,7 @@ class Run:
         if s.account_before is not None and s.account_after is not None:
             s.account_gap = s.account_after - s.account_before - s.credits
             if s.account_gap:
-                log.warning("%s", self._gap_message())
+                log.warning("%s", self.summary.account_gap_message(self.per_image, self.batch_no))
         s.limits = self.limits.left()
         self.store.finish_run(self.run_id, status=s.status, exit_code=s.exit_code,
                               account_after=s.account_after, account_gap=s.account_gap,
@@ -498,26 +499,6 @@ class Run:
                                     for it in late]
         return late_reused, late_failed
 
-
-    def _gap_message(self) -> str:
-        """Why the account's counter moved otherwise than the credits recorded, most likely."""
-        s = self.summary
-        moved = (s.account_after or 0) - (s.account_before or 0)
-        gap = s.account_gap or 0
-        paid = s.done - s.reused  # answers this run paid for
-        text = (f"the account's credit counter moved {moved} during this run, but ximrun "
-                f"recorded {s.credits} credit(s): {abs(gap)} {'more' if gap > 0 else 'fewer'} "
-                "than recorded. ")
-        causes = []
-        if paid and moved > 0 and moved % paid == 0 and moved // paid != self.per_image:
-            causes.append(f"[credits] per_image is {self.per_image}, but the account moved "
-                          f"{moved // paid} per image answered: set per_image = {moved // paid}")
-        if gap > 0 and s.requests > self.batch_no:
-            causes.append(f"answers lost in flight: {s.requests - self.batch_no} request(s) "
-                          "were sent again after a failure, and a request whose answer was "
-                          "lost is billed anyway (see `ximrun status`: sent more than once)")
-        causes.append("another client using the same account meanwhile")
-        return text + "Likely: " + "; or ".join(causes)
 
     def _unavailable_message(self, pending: int, failed: int) -> str:
         breaker = self.client.breaker

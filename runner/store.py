@@ -6,14 +6,21 @@ described in docs/schema.md. Nothing here is ever marked `done` without an answe
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from runner.answers import (
+    Answer,
+    BatchAnswer,
+    compact_json,
+    extra_json,
+    listed_row,
+    listing_json,
+    reused_record,
+    utcnow,
+)
 from runner.classify import (
     CHANGED,
     CHANGED_REQUEST,
@@ -23,108 +30,14 @@ from runner.classify import (
     classified,
     decide,
 )
-from runner.commit import CommitStats, Database
+from runner.commit import CommitStats, Database, readonly_uri
 from runner.errors import DatabaseError
-from runner.records import Item, RecordOutcome, text_safe
+from runner.records import Item, text_safe
+from runner.runs import RunCounts, RunRows
 from runner.schema import SCHEMA_VERSION, check_version, create_views, migrate
 
-RUN_COUNTERS = ("listed", "requests", "sent", "done", "failed", "rejected", "reused", "credits",
-                "credits_saved")
 
-
-def utcnow() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class Answer(NamedTuple):
-    """An answer already paid for some bytes: where it is stored and what was sent with it."""
-
-    job: str
-    key: str
-    result: str  # the record as stored (JSON)
-    extra: dict[str, Any] | None  # the manifest columns sent with it; None: not known (v1 rows)
-
-
-# Keys of a record that say what was sent, not what the service found.
-_SENT_KEYS = frozenset({"_id", "_base64", "_url"})
-
-
-def reused_record(record: dict[str, Any] | str, item: Item,
-                  source_extra: Mapping[str, Any] | None) -> str:
-    """The record `item` gets from an answer paid by another image (as compact JSON): its own
-    `_id` and manifest columns, and only the service's analysis of the answer: every key but
-    `_id`, the image sent and the manifest columns the paying image was sent with
-    (`source_extra`; None when they were not stored, before schema version 2: then a top-level
-    key without a leading `_` holding a string, number, boolean or null is taken for one)."""
-    if isinstance(record, str):
-        record = json.loads(record)
-    assert isinstance(record, dict)
-    if source_extra is not None:
-        sent = set(source_extra)
-
-        def analysis(k: str, v: Any) -> bool:
-            return k not in sent
-    else:
-        def analysis(k: str, v: Any) -> bool:
-            return k.startswith("_") or not (v is None or isinstance(v, str | int | float | bool))
-
-    own: dict[str, Any] = {"_id": item.key}
-    own.update((k, v) for k, v in item.extra.items() if k not in _SENT_KEYS)
-    own.update((k, v) for k, v in record.items() if k not in _SENT_KEYS and analysis(k, v))
-    return compact_json(own)
-
-
-def _listed_row(it: Item) -> tuple[Any, ...]:
-    """An item as the run's listing holds it: key, fingerprint and, for a manifest row with
-    columns, their JSON."""
-    return (it.key, it.fingerprint, extra_json(it.extra)) if it.extra else (it.key,
-                                                                              it.fingerprint)
-
-
-def extra_json(extra: Mapping[str, Any]) -> str:
-    """An item's manifest columns as stored in items.extra ('{}' for none)."""
-    return _listing_json(dict(extra)) if extra else "{}"
-
-
-@dataclass(frozen=True)
-class BatchAnswer:
-    """One image's outcome, ready to be written with its batch."""
-
-    item: Item
-    outcome: RecordOutcome
-    content_hash: str | None
-    followers: tuple[Item, ...] = ()  # identical bytes of this run that wait for this answer
-
-
-class RunCounts:
-    """A run's counters, added to in memory and written once per transaction, just before its
-    COMMIT (one UPDATE for a group of writes, not one per write)."""
-
-    def __init__(self) -> None:
-        self.pending: dict[int, dict[str, int]] = {}
-
-    def add(self, run_id: int, **deltas: int) -> None:
-        mine = self.pending.setdefault(run_id, dict.fromkeys(RUN_COUNTERS, 0))
-        for name, n in deltas.items():
-            mine[name] += n
-
-    def flush(self, c: sqlite3.Connection) -> None:
-        counts, self.pending = self.pending, {}
-        sets = ", ".join(f"{name} = {name} + ?" for name in RUN_COUNTERS)
-        for run_id, mine in counts.items():
-            c.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*mine.values(), run_id))
-
-    def snapshot(self) -> dict[int, dict[str, int]]:
-        return {k: dict(v) for k, v in self.pending.items()}
-
-    def restore(self, snapshot: dict[int, dict[str, int]]) -> None:
-        self.pending = snapshot
-
-    def clear(self) -> None:
-        self.pending = {}
-
-
-class Store:
+class Store(RunRows):
     """A job's view of one state database; the same file may hold several jobs."""
 
     def __init__(self, path: Path | str, *, create: bool = True,
@@ -193,46 +106,6 @@ class Store:
 
         return self.db.write(begin)
 
-    def finish_run(self, run_id: int, *, status: str, exit_code: int,
-                   account_after: int | None = None, account_gap: int | None = None,
-                   skipped_rows: int = 0, skipped_first: str | None = None) -> None:
-        self.db.write(lambda c: c.execute(
-            "UPDATE runs SET finished_at = ?, status = ?, exit_code = ?, "
-            "account_after = coalesce(?, account_after), account_gap = ?, skipped_rows = ?, "
-            "skipped_first = ? WHERE id = ?",
-            (utcnow(), status, exit_code, account_after, account_gap, skipped_rows,
-             skipped_first, run_id)))
-
-    def set_account_before(self, run_id: int, value: int | None) -> None:
-        self.db.write(lambda c: c.execute("UPDATE runs SET account_before = ? WHERE id = ?",
-                                        (value, run_id)))
-
-    def run_row(self, run_id: int) -> dict[str, Any]:
-        row = self.db.read(lambda c: c.execute("SELECT * FROM runs WHERE id = ?",
-                                             (run_id,)).fetchone())
-        return dict(row) if row else {}
-
-    def recent_runs(self, job: str, n: int = 5) -> list[dict[str, Any]]:
-        """The job's last n runs, newest first; a run still "running" whose process is gone is
-        shown as crashed (the next run records it so)."""
-        rows = self.db.read(lambda c: c.execute(
-            "SELECT * FROM runs WHERE job = ? ORDER BY id DESC LIMIT ?", (job, n)).fetchall())
-        runs = [dict(r) for r in rows]
-        live = self.live_run(job)
-        for r in runs:
-            if r["status"] == "running" and r["id"] != live:
-                r["status"] = "crashed"
-        return runs
-
-    def live_run(self, job: str) -> int | None:
-        """The id of the job's run that is going right now, if its process is alive."""
-        row = self.db.read(lambda c: c.execute(
-            "SELECT id, pid, status FROM runs WHERE job = ? ORDER BY id DESC LIMIT 1",
-            (job,)).fetchone())
-        if row is None or row["status"] != "running" or not row["pid"] or not _alive(row["pid"]):
-            return None
-        return int(row["id"])
-
     # --- listing --------------------------------------------------------------------------------
 
     def classify(self, job: str, items: Sequence[Item], *, request_sig: str, prep_sig: str,
@@ -257,7 +130,7 @@ class Store:
             return lambda: Classified({}, [])
         # The chunk's JSON is built here, by the caller, so that the writer holds the
         # interpreter lock as little as it can while the caller goes on listing.
-        rows = (_listing_json([_listed_row(it) for it in items]) if self._json_each else None)
+        rows = (listing_json([listed_row(it) for it in items]) if self._json_each else None)
 
         def fn(c: sqlite3.Connection) -> Classified:
             return self._classify_listed(c, job, items, request_sig=request_sig,
@@ -281,7 +154,7 @@ class Store:
                       "json_extract(value, '$[2]') FROM json_each(?)", (rows,))
         else:
             c.executemany("INSERT INTO temp.listed (key, fp, extra) VALUES (?, ?, ?)",
-                          [(*_listed_row(it), None)[:3] for it in items])
+                          [(*listed_row(it), None)[:3] for it in items])
         cur = c.cursor()
         cur.row_factory = None
         found = cur.execute(
@@ -447,17 +320,6 @@ class Store:
         the row is committed."""
         self.db.write_waited("record_attempt", self._attempt_row(job, run_id, batch, attempt, keys))
 
-    def drop_attempt(self, run_id: int, batch: int, attempt: int) -> None:
-        """A request the API refused (401/403) was not billed: its row is deleted, so that status
-        does not list its images as possibly billed."""
-        def drop(c: sqlite3.Connection) -> None:
-            cur = c.execute("DELETE FROM attempts WHERE run_id = ? AND batch = ? AND attempt = ? "
-                            "AND closed_at IS NULL", (run_id, batch, attempt))
-            if cur.rowcount:
-                self._counts.add(run_id, requests=-cur.rowcount)
-
-        self.db.write_waited("drop_attempt", drop)
-
     def _attempt_row(self, job: str, run_id: int, batch: int, attempt: int,
                      keys: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
         row = (run_id, job, batch, attempt, json.dumps(list(keys)), len(keys), utcnow())
@@ -566,12 +428,6 @@ class Store:
 
     # --- questions ------------------------------------------------------------------------------
 
-    def spent(self, job: str) -> int:
-        """Credits this job has recorded, over all its runs."""
-        row = self.db.read(lambda c: c.execute(
-            "SELECT coalesce(sum(credits), 0) FROM runs WHERE job = ?", (job,)).fetchone())
-        return int(row[0])
-
     def missing_count(self, job: str) -> int:
         """Images no longer listed (from the partial index: no scan of the rows)."""
         row = self.db.read(lambda c: c.execute(
@@ -610,23 +466,13 @@ def _precheck(path: Path) -> None:
     """DatabaseError for a file a newer ximrun wrote, or no database at all, read without
     changing anything (opening it to write would switch its journal mode first)."""
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        conn = sqlite3.connect(readonly_uri(path), uri=True, timeout=30)
     except sqlite3.Error as exc:
         raise DatabaseError(f"{path}: cannot be opened ({exc})") from None
     try:
         check_version(conn, str(path))
     finally:
         conn.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    return True
 
 
 def _has_json_each(conn: sqlite3.Connection) -> bool:
@@ -659,14 +505,3 @@ def open_readonly(path: Path, *, current: bool = False) -> Store:
     """For status/plan/export while a run writes: no schema changes, no journal-mode switch.
     `current`: refuse a database that an earlier ximrun wrote (it needs `ximrun run` first)."""
     return Store(path, create=False, current=current)
-
-
-# An answer as stored: no separator spaces. One encoder for every call: json.dumps with options
-# builds a new one each time.
-compact_json = json.JSONEncoder(separators=(",", ":")).encode
-
-# Keys in any script as UTF-8, not escapes; no separator spaces; tuples of strings need no check
-# for cycles.
-_listing_json = json.JSONEncoder(ensure_ascii=False, check_circular=False,
-                                 separators=(",", ":")).encode
-

@@ -80,6 +80,27 @@ class Summary:
                 message = name + message[len(manifest):]
             self.skipped_first = message
 
+    def account_gap_message(self, per_image: int, batches: int) -> str:
+        """Why the account's counter moved otherwise than the credits recorded, most likely
+        (`batches`: the batches the run sent, each one request unless retried)."""
+        s = self
+        moved = (s.account_after or 0) - (s.account_before or 0)
+        gap = s.account_gap or 0
+        paid = s.done - s.reused  # answers this run paid for
+        text = (f"the account's credit counter moved {moved} during this run, but ximrun "
+                f"recorded {s.credits} credit(s): {abs(gap)} {'more' if gap > 0 else 'fewer'} "
+                "than recorded. ")
+        causes = []
+        if paid and moved > 0 and moved % paid == 0 and moved // paid != per_image:
+            causes.append(f"[credits] per_image is {per_image}, but the account moved "
+                          f"{moved // paid} per image answered: set per_image = {moved // paid}")
+        if gap > 0 and s.requests > batches:
+            causes.append(f"answers lost in flight: {s.requests - batches} request(s) "
+                          "were sent again after a failure, and a request whose answer was "
+                          "lost is billed anyway (see `ximrun status`: sent more than once)")
+        causes.append("another client using the same account meanwhile")
+        return text + "Likely: " + "; or ".join(causes)
+
 
 ProgressFn = Callable[[Summary], None]
 # Which Summary counter each classification of a listed image adds to.

@@ -459,3 +459,23 @@ class Breaker:
         self.opened.set()
         log.warning("the API looks unavailable (%s): the circuit breaker opened", self.why)
         return True
+
+
+class Halt:
+    """A stop (a signal) or the breaker open, as one thing to wait on."""
+
+    POLL_S = 0.1
+
+    def __init__(self, stop: threading.Event | None, breaker: Breaker) -> None:
+        self.stop = stop
+        self.breaker = breaker
+
+    def is_set(self) -> bool:
+        return (self.stop is not None and self.stop.is_set()) or self.breaker.is_open()
+
+    def wait(self, timeout: float) -> bool:
+        if self.stop is not None:
+            self.stop.wait(timeout)
+        else:
+            self.breaker.opened.wait(timeout)
+        return self.is_set()

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from runner import report
+from runner.answers import BatchAnswer
 from runner.classify import (
     CHANGED,
     CHANGED_REQUEST,
@@ -18,7 +19,7 @@ from runner.classify import (
     UNCHANGED,
 )
 from runner.records import Item, RecordOutcome
-from runner.store import BatchAnswer, Store
+from runner.store import Store
 
 
 def item(key: str, fp: str = "10:1") -> Item:

@@ -1,0 +1,228 @@
+"""The API's wire format (docs/api-protocol.md): the request body, the Authorization header,
+Retry-After, and reading an answer: its JSON, its records matched to what was sent by `_id`,
+each record's status, an error's detail. No I/O: client.py sends, this reads and writes bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import urllib3
+
+from runner.errors import brief
+from runner.job import JWT_MIN_LENGTH
+from runner.records import SECRET_PARAM, RequestRecord
+
+log = logging.getLogger("ximrun.client")
+
+ACCOUNT_PATH = "account/v2/details/"
+# Whole-request codes worth another try; 501/505 say the request can never work, so not all 5xx.
+RETRY_HTTP = frozenset({408, 429, 500, 502, 503, 504})
+# Whole-request codes that mean "some record in here is the problem": split the batch to find it.
+BISECT_HTTP = frozenset({400, 413})
+
+
+def authorization(token: str, scheme: str = "auto") -> str:
+    """The Authorization header: `Token <t>`, or `JWT <t>` for scheme "jwt", or for "auto" when
+    the token has JWT_MIN_LENGTH characters or more."""
+    jwt = scheme == "jwt" or (scheme == "auto" and len(token) >= JWT_MIN_LENGTH)
+    return f"{'JWT' if jwt else 'Token'} {token}"
+
+
+def is_retryable(code: int) -> bool:
+    return code in RETRY_HTTP or (code >= 500 and code not in (501, 505))
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After value (seconds or an HTTP-date); None if absent or bad."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None  # an HTTP-date is always GMT; a naive date is not one
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return max(0.0, seconds)
+
+
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def build_body(records: Sequence[RequestRecord], fields: Mapping[str, Any]) -> bytes:
+    """The JSON body: `records` (`_id` plus `_base64` or `_url`) beside the top-level fields."""
+    out = []
+    for r in records:
+        if r.data is not None:
+            image = "_base64"
+        elif r.url is not None:
+            image = "_url"
+        else:
+            raise ValueError(f"record {r.id!r} has neither bytes nor a URL")
+        rec: dict[str, Any] = {"_id": r.id}
+        if image == "_url":
+            rec["_url"] = r.url
+        # Metadata travels with the record but never replaces its id or its image.
+        for key, value in r.extra.items():
+            if key != image:
+                rec.setdefault(key, value)
+        text = _encode(rec).encode("ascii")
+        if image == "_base64":
+            # Base64 needs no JSON escaping: the record is closed around it, not encoded again.
+            text = b"".join((text[:-1], b',"_base64":"', base64.b64encode(r.data), b'"}'))
+        out.append(text)
+    rest = {k: v for k, v in fields.items() if k != "records"}
+    head = _encode(rest).encode("ascii")[:-1] + (b"," if rest else b"")
+    return b"".join((head, b'"records":[', b",".join(out), b"]}"))
+
+
+MAX_ANSWER_DEPTH = 64  # nesting of an answer's JSON: an API record is a few levels deep
+
+
+def parse_answer(data: bytes) -> Any:
+    """The answer's JSON, or None: not JSON, or nested deeper than MAX_ANSWER_DEPTH (a hostile
+    answer nested a million levels deep must not end a run with a RecursionError)."""
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    stack = [(body, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth >= MAX_ANSWER_DEPTH:
+                return None
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in children if isinstance(v, dict | list))
+    return body
+
+
+def match_records(group: list[RequestRecord], out: list[Any]
+           ) -> tuple[tuple[tuple[RequestRecord, Mapping[str, Any]], ...],
+                      tuple[RequestRecord, ...]] | None:
+    """Pair each sent record with its answer: (pairs, records left without an answer).
+
+    By `_id` whenever the answer carries any: a record gets the one answer holding its `_id`, and
+    a record with none (or with two) is left unmatched, to be sent again: an answer is never
+    stored on another image. By position only when no answer carries an `_id` at all (a server
+    that does not echo `_id`). None: the counts differ or a record is not an object.
+    """
+    if len(out) != len(group) or not all(isinstance(o, dict) for o in out):
+        return None
+    if not any("_id" in o for o in out):
+        log.info("the answer's records carry no _id; matched by position")
+        return tuple(zip(group, out, strict=True)), ()
+    by_id: dict[str, list[Mapping[str, Any]]] = {}
+    for o in out:
+        if isinstance(o.get("_id"), str):
+            by_id.setdefault(o["_id"], []).append(o)
+    sent_count: dict[str, int] = {}
+    for r in group:
+        sent_count[r.id] = sent_count.get(r.id, 0) + 1
+    pairs: list[tuple[RequestRecord, Mapping[str, Any]]] = []
+    unmatched: list[RequestRecord] = []
+    for r in group:
+        found = by_id.get(r.id, [])
+        if len(found) == 1 and sent_count[r.id] == 1:
+            pairs.append((r, found[0]))
+        else:
+            unmatched.append(r)
+    if unmatched:
+        log.info("the answer's _id values do not match those sent: %d of %d record(s) without "
+                 "an answer of their own", len(unmatched), len(group))
+    elif [o.get("_id") for o in out] != [r.id for r in group]:
+        log.debug("the answer's records are out of order; matched by _id")
+    return tuple(pairs), tuple(unmatched)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret parts of a URL (its password, the values of secret-looking parameters), the
+    longest first; at least 4 characters each, so that redacting them cannot eat a common word."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = []
+    if parts.password:
+        found += [parts.password, unquote(parts.password)]
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if SECRET_PARAM.match(k):
+            found.append(v)
+    return sorted({f for f in found if len(f) >= 4}, key=len, reverse=True)
+
+
+def record_status(rec: Mapping[str, Any]) -> tuple[int | None, str]:
+    for key in ("_status", "status"):
+        value = rec.get(key)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            return value, text_of(rec)
+        if isinstance(value, Mapping) and isinstance(value.get("code"), int):
+            return value["code"], str(value.get("text") or text_of(rec))
+    return None, ""
+
+
+def text_of(d: Mapping[str, Any]) -> str:
+    for key in ("text", "detail", "message", "error"):
+        if d.get(key):
+            return str(d[key])
+    return ""
+
+
+def has_content(rec: Mapping[str, Any], sent: RequestRecord) -> bool:
+    echoed = {"_id", "_url", "_base64", *sent.extra}
+    return any(k not in echoed for k in rec)
+
+
+def body_status(body: Any) -> int | None:
+    if not isinstance(body, dict):
+        return None
+    value = body.get("status")
+    if isinstance(value, Mapping):
+        value = value.get("code")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def error_detail(resp: urllib3.BaseHTTPResponse, data: bytes, body: Any) -> str:
+    """A short reason from an error answer: its JSON detail, or the first words of its text."""
+    if isinstance(body, dict):
+        for key in ("detail", "message", "error"):
+            if body.get(key):
+                return brief(str(body[key]))
+        status = body.get("status")
+        if isinstance(status, Mapping) and status.get("text"):
+            return brief(str(status["text"]))
+    text = text_of_body(resp, data)
+    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
+    if title:
+        text = title.group(1)
+    text = re.sub(r"<[^>]+>", " ", text)
+    return brief(text) or (resp.reason or "no detail")
+
+
+def text_of_body(resp: urllib3.BaseHTTPResponse, data: bytes) -> str:
+    """The answer's body as text, in the charset its Content-Type names (else UTF-8)."""
+    match = re.search(r"charset=([\w.:-]+)", resp.headers.get("Content-Type", ""), re.I)
+    try:
+        return data.decode(match.group(1) if match else "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return data.decode("utf-8", errors="replace")
