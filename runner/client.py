@@ -80,6 +80,10 @@ class _Submission:
     attempts: dict[str, int] = field(default_factory=dict)
     outcomes: dict[str, RecordOutcome] = field(default_factory=dict)
     last_error: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+    # Records whose last try got an answer, but none that is theirs with certainty (no answer
+    # with their _id, or one with neither a status nor content): a fault of the record's answer,
+    # not of the service, so they fail when their retries run out instead of staying pending.
+    record_faults: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,7 @@ class ApiClient:
                 again = pending
                 for r in again:
                     batch.last_error[r.id] = (answer.error, answer.status)
+                    batch.record_faults.discard(r.id)
             else:
                 again = self._record_outcomes(batch, answer)
             if not again:
@@ -249,7 +254,11 @@ class ApiClient:
                 # The service failed them, not their records: they stay pending for the next run.
                 log.info("%d record(s) left pending after %d retries: %s", len(again),
                          batch.retries, _retry_reason(batch, again))
-                self._unavailable_outcomes(batch, again)
+                faulty = [r for r in again if r.id in batch.record_faults]
+                for r in faulty:
+                    reason, status = batch.last_error[r.id]
+                    self._set_outcome(batch, r, ok=False, reason=reason, status=status)
+                self._unavailable_outcomes(batch, [r for r in again if r.id not in batch.record_faults])
                 return
             batch.retries += 1
             delay = self._delay(batch.retries, answer.retry_after)
@@ -280,6 +289,7 @@ class ApiClient:
         for r in answer.unmatched:
             batch.last_error[r.id] = ("bad answer: no record with this _id in the answer",
                                       answer.status)
+            batch.record_faults.add(r.id)
             again.append(r)
         for r, rec in answer.records:
             code, text = record_status(rec)
@@ -290,6 +300,7 @@ class ApiClient:
                 else:
                     batch.last_error[r.id] = ("bad answer: record without status or content",
                                               answer.status)
+                    batch.record_faults.add(r.id)
                     again.append(r)
                 continue
             # The API's text, on one line and short: a hostile server may send megabytes.
@@ -299,6 +310,7 @@ class ApiClient:
             elif is_retryable(code):
                 throttled = throttled or code == 429
                 batch.last_error[r.id] = (reason, code)
+                batch.record_faults.discard(r.id)
                 again.append(r)
             else:
                 self._set_outcome(batch, r, ok=False, record=self._clean(rec), reason=reason, status=code,
