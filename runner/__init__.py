@@ -14,7 +14,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthError",
+    "DatabaseError",
     "ExitCode",
+    "ExportError",
     "Job",
     "JobError",
     "LockedError",
@@ -26,6 +28,7 @@ __all__ = [
     "Summary",
     "__version__",
     "export_rows",
+    "open_export",
     "load_job",
     "parse_job",
     "plan_job",
@@ -37,6 +40,8 @@ __all__ = [
 
 _WHERE = {
     "AuthError": "runner.errors",
+    "DatabaseError": "runner.errors",
+    "ExportError": "runner.errors",
     "ExitCode": "runner.errors",
     "JobError": "runner.errors",
     "LockedError": "runner.errors",
@@ -53,6 +58,7 @@ _WHERE = {
     "plan_job": "runner.plan",
     "status_report": "runner.report",
     "export_rows": "runner.report",
+    "open_export": "runner.report",
     "retry_failed": "runner.report",
     "write_report": "runner.html_report",
 }
@@ -60,7 +66,9 @@ _WHERE = {
 if TYPE_CHECKING:
     from runner.errors import (
         AuthError,
+        DatabaseError,
         ExitCode,
+        ExportError,
         JobError,
         LockedError,
         ReadError,
@@ -72,7 +80,7 @@ if TYPE_CHECKING:
     from runner.html_report import write_report
     from runner.job import Job, load_job, parse_job
     from runner.plan import plan_job
-    from runner.report import export_rows, retry_failed, status_report
+    from runner.report import export_rows, open_export, retry_failed, status_report
     from runner.summary import RunOptions, Summary
 
 

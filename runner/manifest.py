@@ -23,7 +23,7 @@ from typing import Any
 
 from runner.errors import SourceError, brief
 from runner.job import SourceConfig, is_url
-from runner.records import Item, text_safe
+from runner.records import Item, json_text_safe, text_safe
 from runner.storage import HTTP, LOCAL, fingerprint_of, fs_for, listing_reason, protocol
 
 log = logging.getLogger("ximrun.sources")
@@ -165,7 +165,9 @@ def _row_target(fields: Mapping[str, Any], base: str) -> _Target | str:
                   if isinstance(v, str) and v.strip()), None)
     raw_id = named.get("id")
     ident = "" if raw_id is None else str(raw_id).strip()
-    extra = {k: v for k, v in fields.items() if k.strip() and k.strip().lower() not in _RESERVED}
+    # Columns as text SQLite can hold (a JSON "\ud800" escaped), as the key is.
+    extra = json_text_safe({k: v for k, v in fields.items()
+                            if k.strip() and k.strip().lower() not in _RESERVED})
     if where is None:
         if not ident:
             return "no id and no path or url value"

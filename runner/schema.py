@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from runner.commit import database_error
 from runner.errors import DatabaseError
 
 # Version 1: the tables as ximrun 0.1 created them, kept verbatim (sqlite-utils wrote them).
@@ -165,10 +166,11 @@ def check_version(c: sqlite3.Connection, where: str) -> int:
     try:
         version = schema_version(c)
     except sqlite3.DatabaseError as exc:
-        raise DatabaseError(f"{where}: not a usable SQLite database ({exc})") from None
+        raise database_error(exc, where) from None
     if version > SCHEMA_VERSION:
         raise DatabaseError(
-            f"{where}: written by a newer ximrun (schema version {version}; this ximrun knows "
+            f"state database {where}: written by a newer ximrun (schema version {version}; "
+            f"this ximrun knows "
             f"up to {SCHEMA_VERSION}); upgrade ximrun. The database was not changed.")
     return version
 

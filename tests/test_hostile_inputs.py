@@ -125,9 +125,14 @@ def test_devices_and_fifos_are_refused_never_read(tmp_path: Path):
     # the folder: the FIFO is not listed
     summary = run_json(write_job(tmp_path, "sandbox", folder, name="folder"))
     assert summary["listed"] == 2 and summary["done"] == 2
-    # the manifest: both rows skipped, with their reason; the good row done
-    summary = run_json(write_job(tmp_path, "sandbox", manifest=str(manifest), name="man"))
-    assert summary["done"] == 1 and summary["skipped_rows"] == 2
+    # the manifest: both rows failed unread, with their reason (a row names an image, so it
+    # gets a row); the good row done
+    job = write_job(tmp_path, "sandbox", manifest=str(manifest), name="man")
+    summary = run_json(job, exit_code=1)
+    assert summary["done"] == 1 and summary["failed"] == 2
+    reasons = {r["reason"] for r in export_rows(job, "--state", "failed").values()}
+    assert reasons == {f"not_a_file: {fifo} (a device, FIFO or socket)",
+                       "not_a_file: /dev/zero (a device, FIFO or socket)"}
     # a single-file root that is a device: refused up front, naming it
     res = invoke("run", str(write_job(tmp_path, "sandbox", "/dev/zero", name="dev")))
     assert res.exit_code == 2 and "/dev/zero: not a regular file" in res.output
@@ -168,8 +173,11 @@ def test_symlinks_are_not_followed_unless_asked_and_never_loop(tmp_path: Path):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path\n{folder / 'leak.jpg'}\n{folder / 'img0001.jpg'}\n",
                         encoding="utf-8")
-    summary = run_json(write_job(tmp_path, "sandbox", manifest=str(manifest), name="man"))
-    assert summary["done"] == 1 and summary["skipped_rows"] == 1
+    man = write_job(tmp_path, "sandbox", manifest=str(manifest), name="man")
+    summary = run_json(man, exit_code=1)  # the symlink row is failed, unread
+    assert summary["done"] == 1 and summary["failed"] == 1
+    [row] = export_rows(man, "--state", "failed").values()
+    assert row["reason"].startswith("not_a_file: ") and "is a symlink" in row["reason"]
 
     asked = write_job(tmp_path, "sandbox", folder, name="asked")
     text = asked.read_text(encoding="utf-8")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sqlite3
 import sys
 from pathlib import Path
@@ -24,7 +25,9 @@ DATABASE = 74
 def one_line_error(res, path: str | Path, *words: str) -> None:
     assert res.exit_code == DATABASE, res.output
     assert "Traceback" not in res.output
-    lines = res.stderr.strip().splitlines()
+    # one line of error; the log's own lines (a timestamp, a level) may stand before it
+    lines = [line for line in res.stderr.strip().splitlines()
+             if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [A-Z]+ ", line)]
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith(f"ximrun: state database {path}: "), lines[0]
     for w in words:

@@ -144,7 +144,7 @@ def test_a_file_that_is_not_a_database_is_refused_with_74(tmp_path, sandbox):
     (tmp_path / "state" / "t.db").write_bytes(b"this is not a database" * 100)
     job = write_job(tmp_path, sandbox, tmp_path / "state")
     res = invoke("run", str(job))
-    assert res.exit_code == 74 and "not a usable SQLite database" in res.output
+    assert res.exit_code == 74 and "not a ximrun state database" in res.output
 
 
 def test_a_new_database_records_every_step(tmp_path):
