@@ -133,7 +133,7 @@ sdist_tests() {
     # The test extra, pinned to what the checkout's .venv resolved: unpinned, pip backtracks
     # through boto3 and aiobotocore releases (both pin botocore) for minutes.
     "$PYTHON" -m pip freeze --exclude-editable >"$WORK/constraints.txt"
-    pip_quiet -c "$WORK/constraints.txt" "$WHEEL[test,dask]"
+    pip_quiet -c "$WORK/constraints.txt" "$WHEEL[test,dask,parquet]"
     cd "$WORK/src/ximrun-$VERSION"
     "$VENV/bin/pytest" --collect-only -q -p no:cacheprovider >"$WORK/collect.txt" \
         || { tail -40 "$WORK/collect.txt" >&2; return 1; }
@@ -152,4 +152,4 @@ step "build sdist and wheel" build
 step "twine check, contents" inspect
 step "fresh venv, pip install wheel" fresh_venv
 step "use it: version, demo, check, run" use_it
-step "sdist: install [test,dask], collect" sdist_tests
+step "sdist: install [test,dask,parquet], collect" sdist_tests
