@@ -326,12 +326,17 @@ class Store(RunRows):
 
         # `sends` is counted here, in the same transaction as the row: items.sends is the number
         # of attempts rows naming the image, whatever happens to the process afterwards.
-        sends = [(job, k) for k in keys]
+        # One statement for the request's keys (a batch is at most 10): the row is committed
+        # while the request waits for it, so each statement more is a wait more.
+        unique = list(dict.fromkeys(keys))
+        sends_sql = (f"UPDATE items SET sends = sends + 1 WHERE job = ? AND key IN "
+                     f"({','.join('?' * len(unique))})")
 
         def record(c: sqlite3.Connection) -> None:
             c.execute("INSERT INTO attempts (run_id, job, batch, attempt, keys, n, sent_at) "
                       "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
-            c.executemany("UPDATE items SET sends = sends + 1 WHERE job = ? AND key = ?", sends)
+            if unique:
+                c.execute(sends_sql, (job, *unique))
             self._counts.add(run_id, requests=1)
 
         return record
