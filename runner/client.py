@@ -23,11 +23,8 @@ from runner import __version__
 from runner.errors import AuthError, brief
 from runner.job import ApiConfig
 from runner.records import (
-    REDACTED,
     RecordOutcome,
     RequestRecord,
-    json_text_safe,
-    text_without_secret_urls,
     url_without_secrets,
 )
 from runner.transport import (
@@ -45,6 +42,7 @@ from runner.transport import (
 from runner.wire import (
     ACCOUNT_PATH,
     BISECT_HTTP,
+    Redactor,
     authorization,
     body_status,
     build_body,
@@ -55,7 +53,6 @@ from runner.wire import (
     parse_answer,
     parse_retry_after,
     record_status,
-    url_secrets,
 )
 
 log = logging.getLogger("ximrun.client")
@@ -124,7 +121,7 @@ class ApiClient:
         self._halt = Halt(stop, self.breaker)  # a stop, or the breaker open: send nothing more
         self._token = token
         # What of the endpoint URL is secret (a password, an api_key value): never stored.
-        self._url_secrets = url_secrets(endpoint_url)
+        self._redactor = Redactor(token, endpoint_url)
         self.shown_endpoint = url_without_secrets(endpoint_url)
         self._refused: AuthError | None = None  # after a 401/403 nothing more is sent
         self._stop = stop
@@ -186,7 +183,7 @@ class ApiClient:
                 data = read_capped(resp, self.ANSWER_BASE_BYTES)
         except (TransportError, AnswerTooLarge) as exc:
             reason = self._transport_reason(exc, deadline)
-            log.debug("account details unavailable: %s", self._redact(reason))
+            log.debug("account details unavailable: %s", self._redactor.text(reason))
             return None
         if resp.status in (401, 403):
             self._refuse(AuthError(self._auth_message(resp, data)))
@@ -296,7 +293,7 @@ class ApiClient:
             if code is None:
                 if has_content(rec, r):
                     # No `_status`, but the service answered with content: trust the HTTP 2xx.
-                    self._set_outcome(batch, r, ok=True, record=self._clean(rec), status=answer.status)
+                    self._set_outcome(batch, r, ok=True, record=self._redactor.record(rec), status=answer.status)
                 else:
                     batch.last_error[r.id] = ("bad answer: record without status or content",
                                               answer.status)
@@ -304,16 +301,16 @@ class ApiClient:
                     again.append(r)
                 continue
             # The API's text, on one line and short: a hostile server may send megabytes.
-            reason = f"api {code}: {brief(self._redact(text))}" if text else f"api {code}"
+            reason = f"api {code}: {brief(self._redactor.text(text))}" if text else f"api {code}"
             if 200 <= code < 300:
-                self._set_outcome(batch, r, ok=True, record=self._clean(rec), status=code)
+                self._set_outcome(batch, r, ok=True, record=self._redactor.record(rec), status=code)
             elif is_retryable(code):
                 throttled = throttled or code == 429
                 batch.last_error[r.id] = (reason, code)
                 batch.record_faults.discard(r.id)
                 again.append(r)
             else:
-                self._set_outcome(batch, r, ok=False, record=self._clean(rec), reason=reason, status=code,
+                self._set_outcome(batch, r, ok=False, record=self._redactor.record(rec), reason=reason, status=code,
                              too_large=code == 413)
         if throttled:
             self.limit.on_throttle()
@@ -430,7 +427,7 @@ class ApiClient:
             # here may have been sent and billed, so it counts as an attempt like any other,
             # unless no connection was ever made.
             unsent = isinstance(exc, TransportError) and never_sent(exc)
-            return _Reply("retry", error=self._redact(self._transport_reason(exc, deadline)),
+            return _Reply("retry", error=self._redactor.text(self._transport_reason(exc, deadline)),
                           unsent=unsent, lost=not unsent)
         try:
             return self._read_answer(resp, data, group)
@@ -463,9 +460,9 @@ class ApiClient:
             if inner in (401, 403):
                 self._refuse(AuthError(self._auth_message(resp, data, inner)))
             code = inner
-        error = f"http {code}: {self._redact(error_detail(resp, data, body))}"
+        error = f"http {code}: {self._redactor.text(error_detail(resp, data, body))}"
         if 300 <= code < 400:
-            where = self._redact(resp.headers.get("Location", "?"))
+            where = self._redactor.text(resp.headers.get("Location", "?"))
             error = f"http {code}: redirected to {where}; check api.endpoint"
         if code == 429:
             self.limit.on_throttle()
@@ -476,7 +473,7 @@ class ApiClient:
                            retry_after=parse_retry_after(resp.headers.get("Retry-After")))
         if code in BISECT_HTTP:
             return _Reply("bisect", status=code,
-                           error=f"api {code}: {self._redact(error_detail(resp, data, body))}")
+                           error=f"api {code}: {self._redactor.text(error_detail(resp, data, body))}")
         return _Reply("fail", status=code, error=error)
 
     # --- plumbing -------------------------------------------------------------------------------
@@ -484,33 +481,9 @@ class ApiClient:
     def _auth_message(self, resp: urllib3.BaseHTTPResponse, data: bytes,
                       code: int | None = None) -> str:
         body = parse_answer(data)
-        detail = self._redact(error_detail(resp, data, body))
+        detail = self._redactor.text(error_detail(resp, data, body))
         return (f"the API refused the token (HTTP {code or resp.status}): {detail}; "
                 "check the token variable named in api.token_env")
-
-    def _redact(self, text: str) -> str:
-        """A text to store, log or show: the token, the endpoint's own secrets (a password,
-        an api_key in its query) and the secrets of any URL in it removed."""
-        if self._token and len(self._token) >= 4:
-            text = text.replace(self._token, "<token>")
-        for secret in self._url_secrets:
-            text = text.replace(secret, REDACTED)
-        return text_without_secret_urls(text)
-
-    def _clean(self, rec: Mapping[str, Any]) -> dict[str, Any]:
-        """The record to keep: never an echoed upload; every string redacted like a reason (an
-        error text echoing the token, an echoed presigned `_url`) and lone surrogates escaped
-        (records.text_safe), so that it can be stored and printed as UTF-8."""
-        return self._scrub(json_text_safe({k: v for k, v in rec.items() if k != "_base64"}))
-
-    def _scrub(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self._redact(value)
-        if isinstance(value, dict):
-            return {self._scrub(k): self._scrub(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._scrub(v) for v in value]
-        return value
 
 
 # --- answers --------------------------------------------------------------------------------------

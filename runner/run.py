@@ -36,14 +36,13 @@ from runner.records import (
 from runner.sources import check_sources, iter_chunks, list_items
 from runner.store import Store
 from runner.summary import KIND_COUNTERS, ProgressFn, RunOptions, Summary
+from runner.wire import account_figure
 
 log = logging.getLogger("ximrun.run")
 
-# Listed items are classified against the database a chunk at a time (one transaction each).
-# The first chunk is small, so that the first batch leaves soon; while nothing is being sent,
-# each chunk doubles, up to LIST_CHUNK (a rerun with nothing to send: fewer hand-overs between
-# the listing and the writer); while requests are in flight, chunks stay small, as a chunk's
-# transaction holds up their attempt rows.
+# The listing is classified a chunk (one transaction) at a time: small at first, so that the first
+# batch leaves soon; doubling up to LIST_CHUNK while nothing is sent (a rerun: fewer hand-overs);
+# small while requests are in flight, as a chunk's transaction holds up their attempt rows.
 LIST_CHUNK_SENDING = 100
 LIST_CHUNK = 5000
 CLASSIFY_AHEAD = 2  # chunks listed while earlier ones are being classified
@@ -184,7 +183,7 @@ class Run:
         stopped_by: str | None = None
         listing_complete = False
         try:
-            s.account_before = _credits_counter(self.client.account_details())
+            s.account_before = account_figure(self.client.account_details())
             self.store.set_account_before(self.run_id, s.account_before)
             self.limits.start(self.run_id)
             check_sources(self.job.source)
@@ -205,8 +204,8 @@ class Run:
             if stopped_by != "unavailable":  # a dead service would only make the run wait
                 with contextlib.suppress(AuthError):
                     details = self.client.account_details()
-                    s.account_after = _credits_counter(details)
-                    s.account_limit = _credits_counter(details, "credits_limit")
+                    s.account_after = account_figure(details)
+                    s.account_limit = account_figure(details, "credits_limit")
             if listing_complete:
                 src = self.job.source
                 self.store.mark_missing(self.job.name, self.run_id,
@@ -217,7 +216,11 @@ class Run:
                 s.status, s.exit_code = "interrupted", ExitCode.INTERRUPTED
             elif stopped_by == "unavailable":
                 s.status, s.exit_code = "api_unavailable", ExitCode.UNAVAILABLE
-                s.message = self._unavailable_message(s.pending, failed)
+                s.message = (f"the API is unavailable {self.client.breaker.describe()}; the "
+                             f"circuit breaker opened and no new batch was sent. {s.pending} "
+                             "image(s) left pending, none marked failed for it; the next run "
+                             "continues" + (f" ({failed} image(s) failed: the API refused "
+                                            "their records)" if failed else ""))
             elif stopped_by == DURATION or (stopped_by in (*MONEY, "limit") and s.pending):
                 s.status, s.exit_code = f"stopped_by_{stopped_by}", ExitCode.STOPPED
                 if stopped_by != "limit":
@@ -294,7 +297,7 @@ class Run:
             return 0
         return self.limits.affordable(n)
 
-    def may_send(self, batch_no: int) -> str | None:
+    def may_send(self) -> str | None:
         """Before each request of a batch: None, or the limit it would pass (then it is not
         sent, and its images stay pending)."""
         return self.limits.may_resend()
@@ -375,11 +378,11 @@ class Run:
 
         try:
             outcomes = submit_prepared(self.job, self.client, batch, on_attempt, on_unsent,
-                                       on_lost, lambda ids, attempt: self.may_send(batch_no))
+                                       on_lost, lambda ids, attempt: self.may_send())
         except AuthError as exc:
             self.unreserve(len(batch))
             if exc.refused_request and requests:
-                self.drop_refused_attempt(batch_no, requests)
+                self.forget_attempt(batch_no, requests)
             raise
         return self.record_answers(batch_no, batch, outcomes)
 
@@ -402,16 +405,12 @@ class Run:
             self.summary.requests += 1
 
     def forget_attempt(self, batch_no: int, attempt: int) -> None:
-        """The request never connected: nothing reached the service, so its row goes (and it is
-        no request of this run). Its row was written before it left, as every request's is."""
+        """The request never reached the service (it never connected), or was refused with
+        401/403 and so not billed: its row goes, and it is no request of this run. Its row was
+        written before it left, as every request's is."""
         self.store.forget_attempt(self.run_id, batch_no, attempt)
         with self._lock:
             self.summary.requests -= 1
-
-    def drop_refused_attempt(self, batch_no: int, attempt: int) -> None:
-        """A request refused with 401/403 was not billed: its row goes as a request that never
-        connected does, so that status does not list its images as possibly billed."""
-        self.forget_attempt(batch_no, attempt)
 
     def unreserve(self, n: int) -> None:
         self.limits.unreserve(n * self.per_image)
@@ -498,23 +497,3 @@ class Run:
                     late_failed += [(it, f"same bytes as {a.item.key}: {o.reason}")
                                     for it in late]
         return late_reused, late_failed
-
-
-    def _unavailable_message(self, pending: int, failed: int) -> str:
-        breaker = self.client.breaker
-        since = breaker.since()
-        when = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
-                if since is not None else "?")
-        text = (f"the API is unavailable since {when}: {breaker.why}; the circuit breaker "
-                f"opened and no new batch was sent. {pending} image(s) left pending, none "
-                "marked failed for it; the next run continues")
-        if failed:
-            text += f" ({failed} image(s) failed: the API refused their records)"
-        return text
-
-
-def _credits_counter(details: dict[str, Any] | None, key: str = "credits_counter") -> int | None:
-    if not details:
-        return None
-    value = details.get(key)
-    return int(value) if isinstance(value, int | float) else None

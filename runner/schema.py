@@ -15,9 +15,10 @@ import json
 import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from runner.commit import database_error
+from runner.commit import database_error, readonly_uri, storage_errors
 from runner.errors import DatabaseError
 
 # Version 1: the tables as ximrun 0.1 created them, kept verbatim (sqlite-utils wrote them).
@@ -279,3 +280,14 @@ def create_views(conn: sqlite3.Connection) -> None:
     """The views of VIEWS, created where missing (an existing one is left as it is)."""
     for name, select in VIEWS.items():
         conn.execute(f"CREATE VIEW IF NOT EXISTS {name} AS {select.strip()}")
+
+
+def precheck(path: Path) -> None:
+    """DatabaseError for a file a newer ximrun wrote, or no database at all, read without
+    changing anything (opening it to write would switch its journal mode first)."""
+    with storage_errors(path):
+        conn = sqlite3.connect(readonly_uri(path), uri=True, timeout=30)
+    try:
+        check_version(conn, str(path))
+    finally:
+        conn.close()

@@ -30,11 +30,11 @@ from runner.classify import (
     classified,
     decide,
 )
-from runner.commit import CommitStats, Database, readonly_uri
+from runner.commit import CommitStats, Database
 from runner.errors import DatabaseError
 from runner.records import Item, text_safe
 from runner.runs import RunCounts, RunRows
-from runner.schema import SCHEMA_VERSION, check_version, create_views, migrate
+from runner.schema import SCHEMA_VERSION, check_version, create_views, migrate, precheck
 
 
 class Store(RunRows):
@@ -47,7 +47,7 @@ class Store(RunRows):
         (DatabaseError). A database written by a newer ximrun is always refused, untouched."""
         self._counts = RunCounts()
         if create and str(path) != ":memory:" and Path(path).exists():
-            _precheck(Path(path))  # a newer or foreign file is refused before anything is set
+            precheck(Path(path))  # a newer or foreign file is refused before anything is set
         self.db = Database(path, create=create, deferred=self._counts)
         self.path = self.db.path
         self._listed_all: str | None = None  # the job whose every row this run listed
@@ -465,19 +465,6 @@ class Store(RunRows):
             args.append(f"%{reason_like}%")
         return self.db.write(lambda c: c.execute(q, args).rowcount)
 
-
-
-def _precheck(path: Path) -> None:
-    """DatabaseError for a file a newer ximrun wrote, or no database at all, read without
-    changing anything (opening it to write would switch its journal mode first)."""
-    try:
-        conn = sqlite3.connect(readonly_uri(path), uri=True, timeout=30)
-    except sqlite3.Error as exc:
-        raise DatabaseError(f"{path}: cannot be opened ({exc})") from None
-    try:
-        check_version(conn, str(path))
-    finally:
-        conn.close()
 
 
 def _has_json_each(conn: sqlite3.Connection) -> bool:

@@ -438,6 +438,12 @@ class Breaker:
         with self._lock:
             return self._check(reported=False)
 
+    def describe(self) -> str:
+        """Since when the service failed and what failed, for the run's summary."""
+        since = self.since()
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) if since is not None else "?"
+        return f"since {when}: {self.why}"
+
     def since(self) -> float | None:
         """When the failures began (time.time()), if they have."""
         with self._lock:

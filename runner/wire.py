@@ -18,7 +18,13 @@ import urllib3
 
 from runner.errors import brief
 from runner.job import JWT_MIN_LENGTH
-from runner.records import SECRET_PARAM, RequestRecord
+from runner.records import (
+    REDACTED,
+    SECRET_PARAM,
+    RequestRecord,
+    json_text_safe,
+    text_without_secret_urls,
+)
 
 log = logging.getLogger("ximrun.client")
 
@@ -226,3 +232,42 @@ def text_of_body(resp: urllib3.BaseHTTPResponse, data: bytes) -> str:
         return data.decode(match.group(1) if match else "utf-8", errors="replace")
     except LookupError:  # a charset Python does not know
         return data.decode("utf-8", errors="replace")
+
+
+class Redactor:
+    """What may be stored, logged or shown of a text or an answer's record: the token, the
+    endpoint's own secrets (a password, an api_key in its query) and the secrets of any URL in it
+    removed; lone surrogates escaped (records.text_safe), so that it is valid UTF-8."""
+
+    def __init__(self, token: str, endpoint_url: str) -> None:
+        self._token = token if token and len(token) >= 4 else None
+        self._secrets = url_secrets(endpoint_url)
+
+    def text(self, text: str) -> str:
+        if self._token:
+            text = text.replace(self._token, "<token>")
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return text_without_secret_urls(text)
+
+    def record(self, rec: Mapping[str, Any]) -> dict[str, Any]:
+        """The record to keep: never an echoed upload, every string redacted like a reason (an
+        error text echoing the token, an echoed presigned `_url`)."""
+        return self._scrub(json_text_safe({k: v for k, v in rec.items() if k != "_base64"}))
+
+    def _scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {self._scrub(k): self._scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._scrub(v) for v in value]
+        return value
+
+
+def account_figure(details: Mapping[str, Any] | None, key: str = "credits_counter") -> int | None:
+    """A number of the account endpoint's answer (`credits_counter`, `credits_limit`), if any."""
+    if not details:
+        return None
+    value = details.get(key)
+    return int(value) if isinstance(value, int | float) else None

@@ -348,7 +348,7 @@ class _Coordinator:
             if sent.first_unbilled:
                 # Only the first request was recorded here; it was refused, or never left
                 # because the worker's client had already been refused: not billed.
-                self.run.drop_refused_attempt(batch_no, 1)
+                self.run.forget_attempt(batch_no, 1)
             self.run.refuse_token(sent)
             return []
         if isinstance(sent, BaseException):  # its workers died over and over (KilledWorker)
