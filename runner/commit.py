@@ -412,6 +412,10 @@ class _GroupCommit:
                     try:
                         op.result = op.fn(c)
                     except Exception as exc:  # noqa: BLE001 -- handed to the caller, who raises it
+                        if not c.in_transaction:
+                            # SQLite ended the whole transaction (a full disk, say): nothing of
+                            # the group was written, and every write gets this error.
+                            raise
                         c.execute("ROLLBACK TO op")
                         if deferred is not None:
                             deferred.restore(kept)

@@ -18,6 +18,7 @@ from runner.classify import (
     RETRY,
     UNCHANGED,
 )
+from runner.errors import DatabaseError
 from runner.records import Item, RecordOutcome
 from runner.store import Store
 
@@ -278,3 +279,24 @@ def test_without_sqlite_json_the_listing_is_classified_the_same(tmp_path):
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         assert kinds(s, [item("a"), item("b")], run) == {"a": UNCHANGED, "b": RESUMED}
         assert s.mark_missing("j", run, unique_listing=True) == 0
+
+
+def test_a_write_after_which_sqlite_ended_the_transaction_fails_every_write_of_its_group(tmp_path):
+    """SQLite rolls back the whole transaction by itself after some errors (a full disk): the
+    group's writes all get that error, not a 'no such savepoint' of the retry one by one."""
+
+    def ended_by_sqlite(c):
+        c.execute("ROLLBACK")  # what SQLITE_FULL may do to the transaction
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        with s.grouped():
+            with s.db.lock:  # the writer thread waits, so the writes queue up as one group
+                waits = [s.db.write_soon(s._attempt_row("j", run, 0, 1, ["a"])),
+                         s.db.write_soon(ended_by_sqlite),
+                         s.db.write_soon(s._attempt_row("j", run, 1, 1, ["b"]))]
+            for wait in waits:
+                with pytest.raises(DatabaseError, match="the disk holding it is full"):
+                    wait()
+        assert report.unanswered(s, "j") == []  # nothing of the group was written
