@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> list[Figure]:
 @dataclass
 class Measured:
     wall: float = 0.0
-    cpu: float = 0.0
+    cpu: float = 0.0  # the run's own process
+    workers_cpu: float = 0.0  # its preparation's worker processes
     done: int = 0
     status: str = ""
     requests: int = 0
@@ -151,11 +152,12 @@ def _measured_run(tmp: Path, name: str, images: Path, endpoint: str, concurrency
                              concurrency=concurrency, batch_size=BATCH, db=f"{name}.db"))
     m = Measured()
     with Store(job.db_path) as store, _timed_preparation(m):
-        cpu = cpu_seconds()
+        cpu, children = cpu_seconds(), cpu_seconds("children")
         started = time.perf_counter()
         summary = run_job(job, store=store)  # its commit statistics are read below
         m.wall = time.perf_counter() - started
         m.cpu = cpu_seconds() - cpu
+        m.workers_cpu = cpu_seconds("children") - children
     st = store.stats
     m.write_s, m.write_cpu_s, m.read_s = st.write_s, st.write_cpu_s, st.read_s
     m.transactions, m.writes = st.transactions, st.writes
@@ -166,7 +168,7 @@ def _measured_run(tmp: Path, name: str, images: Path, endpoint: str, concurrency
 
 @contextlib.contextmanager
 def _timed_preparation(m: Measured) -> Iterator[None]:
-    from runner.executors import threads
+    from runner.executors import preparers as threads
 
     original = threads.prepare_items
     lock = threading.Lock()

@@ -211,10 +211,13 @@ def peak_kb() -> int:
     return status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def cpu_seconds() -> float:
+def cpu_seconds(who: str = "self") -> float:
+    """CPU time (user + system) of this process, or ("children") of its children that ended
+    and were waited for: a process pool's workers once it has shut down, not the emulator."""
     import resource
 
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN if who == "children"
+                               else resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 

@@ -53,6 +53,7 @@ from runner.wire import (
     parse_answer,
     parse_retry_after,
     record_status,
+    split_plain,
 )
 
 log = logging.getLogger("ximrun.client")
@@ -95,6 +96,9 @@ class _Reply:
     unsent: bool = False  # the request never reached the service (no connection was made)
     lost: bool = False  # it may have been billed and its answer is lost (dropped, timed out, ...)
     unmatched: tuple[RequestRecord, ...] = ()  # sent, but no answer is theirs with certainty
+    # A plain, clean answer's records as received, by id() of their parsed dicts: kept as they
+    # are (wire.split_plain, Redactor.clean)
+    texts: Mapping[int, str] | None = None
 
 
 class ApiClient:
@@ -293,7 +297,8 @@ class ApiClient:
             if code is None:
                 if has_content(rec, r):
                     # No `_status`, but the service answered with content: trust the HTTP 2xx.
-                    self._set_outcome(batch, r, ok=True, record=self._redactor.record(rec), status=answer.status)
+                    self._set_outcome(batch, r, ok=True, status=answer.status,
+                                      **self._kept(answer, rec))
                 else:
                     batch.last_error[r.id] = ("bad answer: record without status or content",
                                               answer.status)
@@ -303,21 +308,28 @@ class ApiClient:
             # The API's text, on one line and short: a hostile server may send megabytes.
             reason = f"api {code}: {brief(self._redactor.text(text))}" if text else f"api {code}"
             if 200 <= code < 300:
-                self._set_outcome(batch, r, ok=True, record=self._redactor.record(rec), status=code)
+                self._set_outcome(batch, r, ok=True, status=code, **self._kept(answer, rec))
             elif is_retryable(code):
                 throttled = throttled or code == 429
                 batch.last_error[r.id] = (reason, code)
                 batch.record_faults.discard(r.id)
                 again.append(r)
             else:
-                self._set_outcome(batch, r, ok=False, record=self._redactor.record(rec), reason=reason, status=code,
-                             too_large=code == 413)
+                self._set_outcome(batch, r, ok=False, reason=reason, status=code,
+                                  too_large=code == 413, **self._kept(answer, rec))
         if throttled:
             self.limit.on_throttle()
         return again
 
+    def _kept(self, answer: _Reply, rec: Mapping[str, Any]) -> dict[str, Any]:
+        """What an outcome keeps of its record: as received when the answer was plain and clean,
+        else redacted (and then encoded by the store)."""
+        if answer.texts is not None:
+            return {"record": rec, "text": answer.texts[id(rec)]}
+        return {"record": self._redactor.record(rec)}
+
     def _set_outcome(self, batch: _Submission, r: RequestRecord, **kw: Any) -> None:
-        batch.outcomes[r.id] = RecordOutcome(r.id, **kw)
+        batch.outcomes[r.id] = RecordOutcome(r.id, attempts=batch.attempts.get(r.id, 0), **kw)
 
     def _halted_outcomes(self, batch: _Submission, records: Sequence[RequestRecord]) -> None:
         """Nothing more is sent: a stop came (stopped), or the breaker opened (unavailable)."""
@@ -440,7 +452,10 @@ class ApiClient:
         code = resp.status
         if code in (401, 403):
             self._refuse(AuthError(self._auth_message(resp, data)))
-        body = parse_answer(data)  # None for a proxy's HTML page: judged by its status code below
+        plain = (split_plain(data) if 200 <= code < 300 and self._redactor.clean(data)
+                 else None)
+        # None for a proxy's HTML page: judged by its status code below
+        body = plain[0] if plain is not None else parse_answer(data)
         if 200 <= code < 300 and isinstance(body, dict) and isinstance(body.get("records"), list):
             matched = match_records(group, body["records"])
             if matched is None:
@@ -449,7 +464,10 @@ class ApiClient:
             pairs, unmatched = matched
             if not unmatched:
                 self.limit.on_success()
-            return _Reply("records", status=code, records=pairs, unmatched=unmatched)
+            texts = ({id(rec): text for rec, text in zip(body["records"], plain[1], strict=True)}
+                     if plain is not None else None)
+            return _Reply("records", status=code, records=pairs, unmatched=unmatched,
+                          texts=texts)
         if 200 <= code < 300:
             # Some answers carry the error in the body's own `status`; otherwise it is garbage.
             inner = body_status(body)
@@ -494,4 +512,4 @@ def _retry_reason(batch: _Submission, records: Sequence[RequestRecord]) -> str:
 
 
 def _with_attempts(o: RecordOutcome, attempts: int) -> RecordOutcome:
-    return replace(o, attempts=attempts)
+    return o if o.attempts == attempts else replace(o, attempts=attempts)

@@ -124,3 +124,43 @@ def prepare_smaller(job: Job, ready: Ready) -> RequestRecord | None:
     if not isinstance(smaller, PreparedImage):
         return None
     return RequestRecord(ready.item.key, data=smaller.data, extra=ready.item.extra)
+
+
+# --- in a worker process of the local executor (executors/preparers.py) ------------------------
+# Here rather than there: a worker then imports this module and images.py, not the executors.
+
+# What a worker hands back per image: (bytes, content hash, width, height), (None, URL, width,
+# height) for send = "url", or (reason, read_failed) for a refusal.
+Made = tuple[bytes | None, str | None, int | None, int | None] | tuple[str, bool]
+_worker_job: Job | None = None
+
+
+def worker_start(job: Job) -> None:
+    """A terminal's Ctrl-C reaches the whole process group; only the run decides what it means
+    (finish the requests in flight, stop)."""
+    import signal
+
+    global _worker_job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_job = job
+
+
+def worker_up() -> None:
+    """A pool's first task: it returns once a worker has started, Pillow imported."""
+    from runner import images  # noqa: F401 -- what the first image would otherwise wait for
+
+
+def prepare_compact(items: Sequence[Item]) -> list[Made]:
+    """prepare_items, reduced to what crosses back to the run (no Item, no dataclasses)."""
+    assert _worker_job is not None
+    out: list[Made] = []
+    for r in prepare_items(_worker_job, items):
+        if isinstance(r, Ready):
+            rec = r.record
+            if rec.data is None:
+                out.append((None, rec.url, r.width, r.height))
+            else:
+                out.append((rec.data, r.content_hash, r.width, r.height))
+        else:
+            out.append((r.reason, r.read_failed))
+    return out

@@ -134,6 +134,7 @@ class RecordOutcome:
     id: str
     ok: bool
     record: Mapping[str, Any] | None = None  # the API's record as returned (never the upload)
+    text: str | None = None  # the record as received, when it is kept as is (else None)
     reason: str | None = None  # why it failed: the API's text or the last transport error
     status: int | None = None  # the record's `_status.code`, else the HTTP status
     attempts: int = 1  # how many requests carried this record

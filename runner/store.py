@@ -378,7 +378,8 @@ class Store(RunRows):
                     rows_reason.append((o.reason, now, job, a.item.key))
                 continue
             sent += 1
-            result = compact_json(o.record) if o.record is not None else None
+            result = (o.text if o.text is not None
+                      else compact_json(o.record) if o.record is not None else None)
             if o.ok:
                 credits += per_image
                 done += 1

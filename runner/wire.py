@@ -119,6 +119,87 @@ def parse_answer(data: bytes) -> Any:
     return body
 
 
+# A plain answer: ASCII, without a single backslash (so without escapes: every string in it is
+# its own bytes, no lone surrogate can hide in one) and without an echoed upload. Nearly every
+# answer is plain; its records are kept as the text they came in, not parsed, redacted and
+# encoded again (docs/api-protocol.md, "Answers").
+_ONLY_SHAPE = bytes(range(256)).translate(None, b'{}[]"')
+_STRINGS = re.compile(rb'"[^"]*"')
+_SPACE = re.compile(r"[ \t\n\r]*")
+_decoder = json.JSONDecoder()
+
+
+def is_plain(data: bytes) -> bool:
+    return data.isascii() and b"\\" not in data and b'"_base64"' not in data
+
+
+def split_plain(data: bytes) -> tuple[dict[str, Any], list[str]] | None:
+    """A plain answer's JSON object and the text of each of its `records`, as received; None
+    when the answer is not plain, not an object with a list of records, or nested deeper than
+    MAX_ANSWER_DEPTH (parse_answer then says what it is)."""
+    if not is_plain(data) or not _shallow(data):
+        return None
+    s = data.decode("ascii")
+    try:
+        return _split(s)
+    except (ValueError, IndexError, RecursionError):
+        return None
+
+
+def _shallow(data: bytes) -> bool:
+    """Nesting within MAX_ANSWER_DEPTH, read off the brackets (strings taken out first); for a
+    plain answer only: no escaped quote can end a string early."""
+    shape = data.translate(None, _ONLY_SHAPE).replace(b'""', b"")
+    if b'"' in shape:  # strings holding brackets
+        shape = _STRINGS.sub(b"", shape)
+    for _ in range(MAX_ANSWER_DEPTH):
+        inner = shape.replace(b"{}", b"").replace(b"[]", b"")
+        if not inner:
+            return True
+        shape = inner
+    return False
+
+
+def _split(s: str) -> tuple[dict[str, Any], list[str]] | None:
+    i = _SPACE.match(s).end()
+    if s[i] != "{":
+        return None
+    body: dict[str, Any] = {}
+    texts: list[str] | None = None
+    i = _SPACE.match(s, i + 1).end()
+    while s[i] != "}":
+        if s[i] != '"':
+            return None
+        key, i = json.decoder.scanstring(s, i + 1)
+        i = _SPACE.match(s, i).end()
+        if s[i] != ":":
+            return None
+        i = _SPACE.match(s, i + 1).end()
+        if key == "records" and s[i] == "[":
+            records, texts = [], []
+            i = _SPACE.match(s, i + 1).end()
+            while s[i] != "]":
+                value, end = _decoder.raw_decode(s, i)
+                records.append(value)
+                texts.append(s[i:end])
+                i = _SPACE.match(s, end).end()
+                if s[i] == ",":
+                    i = _SPACE.match(s, i + 1).end()
+                elif s[i] != "]":
+                    return None
+            body[key], i = records, i + 1
+        else:
+            body[key], i = _decoder.raw_decode(s, i)
+        i = _SPACE.match(s, i).end()
+        if s[i] == ",":
+            i = _SPACE.match(s, i + 1).end()
+        elif s[i] != "}":
+            return None
+    if s[i + 1:].strip(" \t\n\r") or texts is None:
+        return None
+    return body, texts
+
+
 def match_records(group: list[RequestRecord], out: list[Any]
            ) -> tuple[tuple[tuple[RequestRecord, Mapping[str, Any]], ...],
                       tuple[RequestRecord, ...]] | None:
@@ -242,6 +323,15 @@ class Redactor:
     def __init__(self, token: str, endpoint_url: str) -> None:
         self._token = token if token and len(token) >= 4 else None
         self._secrets = url_secrets(endpoint_url)
+        self._token_bytes = (self._token or "").encode("utf-8", "surrogateescape")
+        self._secret_bytes = [s.encode("utf-8", "surrogateescape") for s in self._secrets]
+
+    def clean(self, data: bytes) -> bool:
+        """Whether a plain answer (is_plain) holds nothing to redact: not the token, not the
+        endpoint's secrets, no URL. Then its records are kept exactly as they came."""
+        if self._token and self._token_bytes in data:
+            return False
+        return b"://" not in data and not any(s in data for s in self._secret_bytes)
 
     def text(self, text: str) -> str:
         if self._token:

@@ -1,5 +1,6 @@
-"""The local executor: preparation on a thread per core, requests on `concurrency` threads; the
-calling thread coordinates (takes up listed images, routes them, reserves budget, dispatches).
+"""The local executor: preparation on a thread per core (worker processes for a long run,
+preparers.py), requests on `concurrency` threads; the calling thread coordinates (takes up listed
+images, routes them, reserves budget, dispatches).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from runner.errors import AuthError
+from runner.executors.preparers import Preparers, Task
 from runner.job import Job
-from runner.prepare import prepare_items
 from runner.records import Item, Ready, Refused
 from runner.run import Run
 from runner.storage import is_local
@@ -36,7 +37,8 @@ def drive(run: Run) -> tuple[str | None, bool]:
     # in remote storage are waited for, not computed: four times as many tasks then, so
     # that enough fetches are in flight to keep up with the API.
     cores = max(2, os.cpu_count() or 2)
-    prep_workers = cores * (4 if _remote(job) else 1)
+    remote = _remote(job)
+    prep_workers = cores * (4 if remote else 1)
     prep_window = max(2 * cores * bs, bs * job.api.concurrency)
     # The client lets `concurrency` requests be in flight. A few more sender threads than
     # that let a request's thread commit its answers while another thread's request already
@@ -49,7 +51,7 @@ def drive(run: Run) -> tuple[str | None, bool]:
     taken = 0
     batch: list[Ready] = []
     prepared: list[Ready | Refused] = []  # finished, not yet routed
-    prep_inflight: dict[Future[list[Ready | Refused]], int] = {}  # -> images in the task
+    prep_inflight: dict[Future[list[Ready | Refused]], Task] = {}
     preparing = 0  # images in prep_inflight
     send_inflight: set[Future[int]] = set()
     # Finished futures arrive here: one wake-up per completion, not a scan of hundreds of
@@ -58,8 +60,10 @@ def drive(run: Run) -> tuple[str | None, bool]:
     limit = run.options.limit
     last_beat = time.monotonic()
 
-    with ThreadPoolExecutor(prep_workers, thread_name_prefix="prep") as prep_pool, \
-            ThreadPoolExecutor(senders, thread_name_prefix="send") as send_pool:
+    # Worker processes for local files only: remote objects are waited for, not computed, and
+    # a fetch's bytes would cross between processes once more.
+    preparers = Preparers(job, prep_workers, processes=not remote, workers=cores)
+    with preparers, ThreadPoolExecutor(senders, thread_name_prefix="send") as send_pool:
         while True:
             stopped_by = run.stop_reason(stopped_by)
             # 1. take up listed images while the preparation window has room; prepared images
@@ -79,8 +83,9 @@ def drive(run: Run) -> tuple[str | None, bool]:
                     taken += 1
                     task.append(nxt.item)
                 if task:
-                    f = prep_pool.submit(prepare_items, job, task)
-                    prep_inflight[f] = len(task)
+                    t = Task(task)
+                    f = preparers.submit(t)
+                    prep_inflight[f] = t
                     preparing += len(task)
                     f.add_done_callback(finished.put)
             # 2. route prepared images: refused, reused, waiting on a copy, or into a batch;
@@ -122,9 +127,18 @@ def drive(run: Run) -> tuple[str | None, bool]:
                 run.report()
             for f in done:
                 if f in prep_inflight:
-                    preparing -= prep_inflight.pop(f)
-                    if not f.cancelled():
-                        prepared.extend(f.result())
+                    t = prep_inflight.pop(f)
+                    if f.cancelled():
+                        preparing -= len(t.items)
+                        continue
+                    got = preparers.result(t, f)
+                    if got is None:  # its worker died: once more, in a new pool
+                        f = preparers.submit(t)
+                        prep_inflight[f] = t
+                        f.add_done_callback(finished.put)
+                        continue
+                    preparing -= len(t.items)
+                    prepared.extend(got)
                 elif f in send_inflight:
                     send_inflight.discard(f)
                     run.sending = len(send_inflight)

@@ -1,0 +1,128 @@
+"""Preparation in worker processes (runner/executors/preparers.py), through the real CLI.
+
+A run longer than PROCESSES_AFTER images prepares in worker processes and records what a short
+run (threads only) records; a worker killed in the middle of a run costs no image; a script
+calling run_job without the `__main__` guard goes on with threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from driver import (
+    CHILD_API,
+    TOKEN,
+    child_env,
+    export_rows,
+    make_images,
+    sends,
+    start,
+    wait_for,
+    write_job,
+    ximrun,
+)
+
+from runner.executors.preparers import PROCESSES_AFTER
+from runner.job import SandboxSettings
+from runner.sandbox import Sandbox
+
+
+def workers_of(pid: int) -> list[int]:
+    """The preparation workers among a process's children (not multiprocessing's tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def has_pillow(pid: int) -> bool:
+    try:
+        return "_imaging" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def check_rows(job: Path, paths: list[Path]) -> None:
+    rows = export_rows(job)
+    assert len(rows) == len(paths)
+    for p in paths:
+        row = rows[str(p)]
+        assert row["state"] == "done", row
+        # Sent as they are (small JPEGs): the content hash is the file's own.
+        assert row["content_hash"] == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_a_long_run_prepares_in_worker_processes_and_records_what_threads_record(tmp_path):
+    n = PROCESSES_AFTER + 200
+    paths = make_images(tmp_path / "imgs", n)
+    with Sandbox(SandboxSettings(token=TOKEN)) as sb:
+        job = write_job(tmp_path, sb, tmp_path / "imgs", api=CHILD_API)
+        run = ximrun(tmp_path, "run", str(job), "--json")
+        assert run.proc.returncode == 0, run.output()
+        assert "preparation moves to" in run.stderr
+        assert "could not start" not in run.stderr
+        summary = json.loads(run.stdout)
+        assert (summary["done"], summary["failed"], summary["rejected"]) == (n, 0, 0)
+        assert set(sends(sb).values()) == {1}
+    check_rows(job, paths)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_costs_no_image(tmp_path):
+    n = PROCESSES_AFTER + 500
+    paths = make_images(tmp_path / "imgs", n)
+    # A slow API keeps the run going for seconds while its preparation goes on in workers.
+    with Sandbox(SandboxSettings(token=TOKEN, latency_ms=150)) as sb:
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=10, concurrency=2))
+        child = start(tmp_path, "run", str(job), "--json")
+        # A worker that has loaded Pillow's decoders has started and prepares.
+        wait_for(lambda: any(has_pillow(w) for w in workers_of(child.proc.pid)),
+                 "a preparation worker at work", child)
+        time.sleep(0.5)
+        os.kill(next(w for w in workers_of(child.proc.pid) if has_pillow(w)), signal.SIGKILL)
+        assert child.wait() == 0, child.output()
+        assert "a preparing process died" in child.stderr, child.output()
+        summary = json.loads(child.stdout)
+        assert (summary["done"], summary["failed"]) == (n, 0), summary
+        assert set(sends(sb).values()) == {1}
+    check_rows(job, paths)
+
+
+@pytest.mark.slow
+def test_a_script_without_the_main_guard_goes_on_with_threads(tmp_path):
+    n = PROCESSES_AFTER + 100
+    make_images(tmp_path / "imgs", n)
+    with Sandbox(SandboxSettings(token=TOKEN)) as sb:
+        job = write_job(tmp_path, sb, tmp_path / "imgs", api=CHILD_API)
+        script = tmp_path / "unguarded.py"
+        # What a spawned worker imports again first: without the guard it would run the job
+        # a second time, and fails to start.
+        script.write_text(
+            "import sys\nfrom runner import load_job, run_job\n"
+            f"s = run_job(load_job({str(job)!r}))\n"
+            "print('done', s.done, 'failed', s.failed)\n", encoding="utf-8")
+        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=child_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"done {n} failed 0" in proc.stdout.splitlines()[-1], proc.stdout + proc.stderr
+        assert "preparation goes on in threads" in proc.stderr
+        assert set(sends(sb).values()) == {1}
