@@ -215,19 +215,22 @@ def _shut(conn: Any) -> None:
             pass
 
 
+def attach_deadline(conn: Any) -> None:
+    """Tell the thread's Deadline, if any, which connection (anything with `.sock`) to cut."""
+    deadline = getattr(_current, "deadline", None)
+    if deadline is not None:
+        deadline.attach(conn)
+
+
 class _DeadlineConnection:
     """Mixed into urllib3's connections: tells the thread's Deadline which connection to cut."""
 
     def connect(self) -> None:
-        deadline = getattr(_current, "deadline", None)
-        if deadline is not None:
-            deadline.attach(self)
+        attach_deadline(self)
         super().connect()  # type: ignore[misc]
 
     def request(self, *args: Any, **kwargs: Any) -> None:
-        deadline = getattr(_current, "deadline", None)
-        if deadline is not None:
-            deadline.attach(self)
+        attach_deadline(self)
         super().request(*args, **kwargs)  # type: ignore[misc]
 
 
@@ -310,11 +313,7 @@ def pool_manager(endpoint_url: str, size: int, timeout: tuple[float, float],
         "num_pools": 4, "maxsize": size + 2, "block": False, "retries": False,
         "timeout": urllib3.Timeout(connect=timeout[0], read=timeout[1]),
     }
-    ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if not ca:
-        import certifi
-
-        ca = certifi.where()
+    ca = ca_bundle()
     kw["ca_certs" if os.path.isfile(ca) else "ca_cert_dir"] = ca
     if proxy is None:
         return _with_deadlines(urllib3.PoolManager(**kw))
@@ -333,6 +332,17 @@ def pool_manager(endpoint_url: str, size: int, timeout: tuple[float, float],
         netloc += f":{parts.port}"
     return _with_deadlines(urllib3.ProxyManager(f"{parts.scheme}://{netloc}",
                                                 proxy_headers=headers, **kw))
+
+
+def ca_bundle() -> str:
+    """The CA bundle (a file or a folder) REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE names, else
+    certifi's."""
+    ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if not ca:
+        import certifi
+
+        ca = certifi.where()
+    return ca
 
 
 def _with_deadlines(manager: urllib3.PoolManager) -> urllib3.PoolManager:

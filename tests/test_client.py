@@ -806,3 +806,31 @@ def test_without_a_bundle_named_the_trust_store_is_certifis(monkeypatch):
     monkeypatch.setenv("CURL_CA_BUNDLE", "/nonexistent/ca-dir")
     pm = pool_manager("https://api.example.com/v2/tag", 2, (1.0, 1.0), None)
     assert pm.connection_pool_kw["ca_cert_dir"] == "/nonexistent/ca-dir"
+
+
+@pytest.mark.parametrize("text", [
+    '{"records":[{"_id":"a","n":[1,{"b":"[x]"}]},{"_id":"b"}],"status":{"code":200}}',
+    ' { "status" : 1 ,\n "records" : [ {"_id": "a"} ,\t{"_id" : "b", "s": "{["} ] } \n',
+    '{"records":[]}',
+])
+def test_a_plain_answer_keeps_each_record_as_received(text):
+    from runner.wire import split_plain
+
+    body, texts = split_plain(text.encode())
+    assert body == json.loads(text)
+    assert [json.loads(t) for t in texts] == json.loads(text)["records"]
+    assert all(t == t.strip() and t in text for t in texts)
+
+
+@pytest.mark.parametrize("text", [
+    '{"records":[{"_id":"a","s":"caf\\u00e9"}]}',  # an escape: parsed and written again
+    '{"records":[{"_id":"a","_base64":"AAAA"}]}',  # an echoed upload
+    '{"records":[{"_id":"a"}]} trailing',
+    '{"records":{"_id":"a"}}',
+    '[{"_id":"a"}]',
+    '{"records":[' + '[' * 70 + ']' * 70 + ']}',  # nested deeper than MAX_ANSWER_DEPTH
+])
+def test_an_answer_that_is_not_plain_is_left_to_the_parser(text):
+    from runner.wire import split_plain
+
+    assert split_plain(text.encode()) is None
