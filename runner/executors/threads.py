@@ -19,6 +19,8 @@ from runner.run import Run
 from runner.storage import is_local
 from runner.summary import Summary
 
+ROUTE_BATCHES = 4
+
 
 class ThreadExecutor:
     """Runs a job in this process."""
@@ -89,10 +91,12 @@ def drive(run: Run) -> tuple[str | None, bool]:
                     preparing += len(task)
                     f.add_done_callback(finished.put)
             # 2. route prepared images: refused, reused, waiting on a copy, or into a batch;
-            # a batch's worth at a time (one database question for all of them)
+            # several batches' worth at a time while the senders are all busy (one database
+            # question for all of them), at once when a sender waits for a batch
             if stopped_by is not None:
                 prepared.clear()
-            elif prepared and (len(prepared) >= bs or not prep_inflight):
+            elif prepared and (len(prepared) >= ROUTE_BATCHES * bs or not prep_inflight
+                               or (len(batch) < bs and len(send_inflight) < send_window)):
                 run.route(prepared, batch)
                 prepared = []
             # 3. dispatch batches that are full, or the last one once nothing else comes
