@@ -8,16 +8,19 @@ hashes and refusals come back here, and a batch is sent by a task that runs wher
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
+import pickle
 import signal
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields, replace
 from typing import Any, cast
 
 from runner.client import ApiClient
@@ -37,7 +40,11 @@ except ImportError:
 
 log = logging.getLogger("ximrun.dask")
 
-CHUNK_BATCHES = 4  # one preparation task takes this many batches' worth of images
+# One preparation task takes this many batches' worth of images, and one send task up to this
+# many batches (no more than a worker's share of the requests in flight): every task costs the
+# coordinator a submission, state messages and, for those it reads, a fetch of the result.
+CHUNK_BATCHES = 8
+SEND_BATCHES = 8
 CONNECT_TIMEOUT_S = 15
 WORKERS_TIMEOUT_S = 60
 # Tasks that finish work already taken up run before new preparation.
@@ -65,6 +72,26 @@ class WorkerJob:
 
     def __repr__(self) -> str:  # Dask prints a failed task's arguments: keep it short, no token
         return f"WorkerJob({self.job.name!r}, {self.endpoint_url!r})"
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        """Every task carries this: pickled once per run, not once per task."""
+        return _unpickle_worker_job, (self._pickled,)
+
+    @functools.cached_property
+    def _pickled(self) -> bytes:
+        return pickle.dumps(tuple(getattr(self, f.name) for f in fields(self)))
+
+
+_worker_jobs: dict[bytes, WorkerJob] = {}  # per worker process: each run's, unpickled once
+
+
+def _unpickle_worker_job(pickled: bytes) -> WorkerJob:
+    w = _worker_jobs.get(pickled)
+    if w is None:
+        w = _worker_jobs[pickled] = WorkerJob(*pickle.loads(pickled))  # noqa: S301 -- Dask's own
+        for old in list(_worker_jobs)[:-_KEEP_CLIENTS]:
+            del _worker_jobs[old]
+    return w
 
 
 @dataclass(frozen=True)
@@ -110,14 +137,10 @@ def pick(prepared: Prepared, keys: Sequence[str]) -> Prepared:
     return {k: prepared[k] for k in keys}
 
 
-def send_batch(w: WorkerJob, keys: Sequence[str], *parts: Prepared) -> Sent:
-    """Send one batch (with retries) from the prepared images it names; AuthError passes through."""
-    found: Prepared = {}
-    for part in parts:
-        found.update(part)
-    batch = [cast(Ready, found[k]) for k in keys]  # the coordinator sends only Ready images
+def _send_one(w: WorkerJob, batch: list[Ready]) -> Sent | Exception:
+    """Send one batch (with retries); its error (AuthError, ...) is returned, not raised, so
+    that the other batches of the task keep their answers."""
     requests: list[tuple[list[str], bool]] = []
-
     lost: list[int] = []
 
     def unsent(ids: Sequence[str], attempt: int) -> None:
@@ -131,10 +154,29 @@ def send_batch(w: WorkerJob, keys: Sequence[str], *parts: Prepared) -> Sent:
             return DURATION
         return RESEND if w.guarded and lost else None
 
-    outcomes = submit_prepared(w.job, _worker_client(w), batch,
-                               lambda ids, attempt: requests.append((list(ids), True)), unsent,
-                               on_lost, may_send)
+    try:
+        outcomes = submit_prepared(w.job, _worker_client(w), batch,
+                                   lambda ids, attempt: requests.append((list(ids), True)),
+                                   unsent, on_lost, may_send)
+    except Exception as exc:  # noqa: BLE001 -- the coordinator decides per batch
+        return exc
     return Sent(outcomes, requests, tuple(lost))
+
+
+def send_batches(w: WorkerJob, batches: Sequence[Sequence[str]], *parts: Prepared
+                 ) -> list[Sent | Exception]:
+    """Send several batches at once from the prepared images they name: one task, one result
+    for the coordinator to fetch, instead of one per batch. Each batch has its own requests and
+    retries; the worker's client caps how many are in flight."""
+    found: Prepared = {}
+    for part in parts:
+        found.update(part)
+    # The coordinator sends only Ready images.
+    readies = [[cast(Ready, found[k]) for k in keys] for keys in batches]
+    if len(readies) == 1:
+        return [_send_one(w, readies[0])]
+    with ThreadPoolExecutor(len(readies), thread_name_prefix="ximrun-send") as pool:
+        return list(pool.map(lambda batch: _send_one(w, batch), readies))
 
 
 # --- the cluster -------------------------------------------------------------------------------
@@ -181,6 +223,12 @@ class _DaskBatch:
     parts: tuple[Any, ...]  # futures of the Prepared dicts that hold the bytes
 
 
+@dataclass
+class _SendTask:
+    batches: list[tuple[int, list[Ready]]]  # each batch's number and images, in task order
+    parts: tuple[Any, ...]
+
+
 class DaskExecutor:
     """The run's decisions stay in this process (`Run`); preparation and requests go to a Dask
     cluster."""
@@ -215,8 +263,10 @@ class _Coordinator:
         chunk_size = bs * CHUNK_BATCHES
         window = 2 * sum(nthreads.values()) * chunk_size  # images taken up, not yet sent
         concurrency, workers = self.run.job.api.concurrency, len(nthreads)
-        # A send task waiting per worker keeps them busy; never more tasks than requests allowed.
-        send_window = concurrency + workers if concurrency >= workers else concurrency
+        # A send task takes up to a worker's share of the requests in flight; a task waiting
+        # per worker keeps them busy.
+        per_task = max(1, min(SEND_BATCHES, concurrency // workers))
+        send_window = concurrency + workers * per_task if concurrency >= workers else concurrency
         listing = self.run.listed()
         intake_done = exhausted = limited = False
         stopped_by: str | None = None
@@ -228,7 +278,7 @@ class _Coordinator:
         describing: dict[distributed.Future, tuple[distributed.Future, list[Item]]] = {}
         batches: deque[_DaskBatch] = deque()
         leftovers: list[tuple[distributed.Future, Ready]] = []  # a chunk's last partial batch
-        sending: dict[distributed.Future, tuple[int, list[Ready], tuple[Any, ...]]] = {}
+        sending: dict[distributed.Future, _SendTask] = {}
 
         def queued() -> int:
             return (len(describing) * chunk_size + len(leftovers)
@@ -263,16 +313,25 @@ class _Coordinator:
                 while len(leftovers) >= bs or (leftovers and last):
                     batches.append(self._mixed_batch(leftovers[:bs]))
                     del leftovers[:bs]
-            while batches and stopped_by is None and len(sending) < send_window:
-                n = self.run.affordable(len(batches[0].readies))
-                if n == 0:
+            in_flight = sum(len(t.batches) for t in sending.values())
+            while batches and stopped_by is None and in_flight < send_window:
+                # Batches whose bytes are in the same chunk go out in one task, each afforded.
+                parts, group = batches[0].parts, []
+                while (batches and batches[0].parts is parts and len(group) < per_task
+                       and in_flight + len(group) < send_window):
+                    n = self.run.affordable(len(batches[0].readies))
+                    if n == 0:
+                        break
+                    b = batches.popleft()
+                    if n < len(b.readies):
+                        batches.appendleft(_DaskBatch(b.readies[n:], b.parts))
+                    group.append(b.readies[:n])
+                if not group:
                     if not sending:
                         stopped_by = "budget"
                     break
-                b = batches.popleft()
-                if n < len(b.readies):
-                    batches.appendleft(_DaskBatch(b.readies[n:], b.parts))
-                self._dispatch(b.readies[:n], b.parts, sending, finished)
+                self._dispatch(group, parts, sending, finished)
+                in_flight += len(group)
             # 4. finished?
             if stopped_by is not None and not sending:
                 break
@@ -284,7 +343,7 @@ class _Coordinator:
 
     def _take_finished(self, finished: distributed.as_completed,
                 describing: dict[distributed.Future, tuple[distributed.Future, list[Item]]],
-                sending: dict[distributed.Future, tuple[int, list[Ready], tuple[Any, ...]]],
+                sending: dict[distributed.Future, _SendTask],
                 batches: deque[_DaskBatch], leftovers: list[tuple[distributed.Future, Ready]], *,
                 route: bool) -> None:
         """Wait a little for finished tasks, then take in every one that has finished."""
@@ -296,10 +355,12 @@ class _Coordinator:
             if f.status == "error":
                 described = f.exception()  # AuthError, KilledWorker, ...
             if f in sending:
-                batch_no, readies, parts = sending.pop(f)
-                again = self._take_answers(described, batch_no, readies)
-                if again:  # a lost answer's resend, to be afforded again like a new batch
-                    batches.appendleft(_DaskBatch(again, parts))
+                task = sending.pop(f)
+                for i, (batch_no, readies) in enumerate(task.batches):
+                    sent = described if isinstance(described, BaseException) else described[i]
+                    again = self._take_answers(sent, batch_no, readies)
+                    if again:  # a lost answer's resend, to be afforded again like a new batch
+                        batches.appendleft(_DaskBatch(again, task.parts))
             elif f in describing:
                 prepared, items = describing.pop(f)
                 if isinstance(described, BaseException):  # its workers died over and over
@@ -312,7 +373,8 @@ class _Coordinator:
                 readies: list[Ready] = []
                 self.run.route(described, readies)
                 whole = len(readies) - len(readies) % bs
-                batches.extend(_DaskBatch(readies[i:i + bs], (prepared,)) for i in range(0, whole, bs))
+                parts = (prepared,)  # one tuple: batches of a chunk go out together
+                batches.extend(_DaskBatch(readies[i:i + bs], parts) for i in range(0, whole, bs))
                 leftovers.extend((prepared, r) for r in readies[whole:])
 
     def _mixed_batch(self, members: list[tuple[distributed.Future, Ready]]) -> _DaskBatch:
@@ -328,17 +390,21 @@ class _Coordinator:
                           for prepared, keys in by_chunk.items())
         return _DaskBatch([r for _, r in members], parts)
 
-    def _dispatch(self, readies: list[Ready], parts: tuple[Any, ...],
-                  sending: dict[distributed.Future, tuple[int, list[Ready], tuple[Any, ...]]],
+    def _dispatch(self, group: list[list[Ready]], parts: tuple[Any, ...],
+                  sending: dict[distributed.Future, _SendTask],
                   finished: distributed.as_completed) -> None:
-        batch_no = self.run.next_batch()
-        keys = [r.item.key for r in readies]
-        # The worker cannot write here: the batch is recorded in flight before its task exists.
-        self.run.record_attempt(batch_no, 1, keys)
-        f = self.dask.submit(send_batch, self.worker_job, keys, *parts, pure=False,
-                             priority=PRIORITY_SEND)
+        """One task for the group; every batch of it is recorded in flight before it exists
+        (the worker cannot write here)."""
+        task = _SendTask([], parts)
+        for readies in group:
+            batch_no = self.run.next_batch()
+            self.run.record_attempt(batch_no, 1, [r.item.key for r in readies])
+            task.batches.append((batch_no, readies))
+        f = self.dask.submit(send_batches, self.worker_job,
+                             [[r.item.key for r in readies] for readies in group], *parts,
+                             pure=False, priority=PRIORITY_SEND)
         finished.add(f)
-        sending[f] = (batch_no, readies, parts)
+        sending[f] = task
 
     def _take_answers(self, sent: Sent | BaseException, batch_no: int,
                       readies: list[Ready]) -> list[Ready]:
