@@ -313,11 +313,12 @@ class ApiClient:
                     batch.record_faults.add(r.id)
                     again.append(r)
                 continue
-            # The API's text, on one line and short: a hostile server may send megabytes.
-            reason = f"api {code}: {brief(self._redactor.text(text))}" if text else f"api {code}"
             if 200 <= code < 300:
                 self._set_outcome(batch, r, ok=True, status=code, **self._kept(answer, rec))
-            elif is_retryable(code):
+                continue
+            # The API's text, on one line and short: a hostile server may send megabytes.
+            reason = f"api {code}: {brief(self._redactor.text(text))}" if text else f"api {code}"
+            if is_retryable(code):
                 throttled = throttled or code == 429
                 batch.last_error[r.id] = (reason, code)
                 batch.record_faults.discard(r.id)

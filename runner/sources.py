@@ -8,13 +8,14 @@ ListObjectsV2 page at a time.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import functools
 import logging
 import os
 import posixpath
 import re
 import stat
 from collections.abc import Callable, Iterable, Iterator
-from fnmatch import fnmatchcase
 from typing import Any
 
 from fsspec.spec import AbstractFileSystem
@@ -82,12 +83,21 @@ def _list_root(root: str, source: SourceConfig) -> Iterator[Item]:
 
 
 def _wanted(rel: str, source: SourceConfig) -> bool:
+    """Whether a path (or its file name) matches an `include` pattern, if any, and no
+    `exclude` pattern."""
     base = rel.rsplit("/", 1)[-1]
+    include, exclude = _patterns(tuple(source.include)), _patterns(tuple(source.exclude))
+    return ((include is None or bool(include(rel) or include(base)))
+            and (exclude is None or not (exclude(rel) or exclude(base))))
 
-    def hit(patterns: Iterable[str]) -> bool:
-        return any(fnmatchcase(rel, p) or fnmatchcase(base, p) for p in patterns)
 
-    return (not source.include or hit(source.include)) and not hit(source.exclude)
+@functools.lru_cache(maxsize=64)
+def _patterns(patterns: tuple[str, ...]) -> Callable[[str], object] | None:
+    """One compiled regular expression for a list of fnmatch patterns (its `fullmatch`), or
+    None for none: a file listed costs one match, not one per pattern."""
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
 
 
 def _hidden(rel: str) -> bool:

@@ -212,6 +212,9 @@ def match_records(group: list[RequestRecord], out: list[Any]
     """
     if len(out) != len(group) or not all(isinstance(o, dict) for o in out):
         return None
+    if all(o.get("_id") == r.id for o, r in zip(out, group, strict=True)) and len(
+            {r.id for r in group}) == len(group):
+        return tuple(zip(group, out, strict=True)), ()  # the usual answer: every _id in order
     if not any("_id" in o for o in out):
         log.info("the answer's records carry no _id; matched by position")
         return tuple(zip(group, out, strict=True)), ()

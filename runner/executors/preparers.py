@@ -35,6 +35,7 @@ log = logging.getLogger("ximrun.prepare")
 # interpreter importing Pillow, about a third of a second of CPU each) pays off within a few
 # hundred images.
 PROCESSES_AFTER = 300
+PROCESS_TASK_BATCHES = 4
 LOST = "the process preparing it died twice (out of memory, or a decoder crashed): "
 
 
@@ -63,6 +64,12 @@ class Preparers:
         self._cold: BaseException | None = None  # why the workers could not start
         self._taken = 0
         self.restarts = 0
+
+    @property
+    def batches_per_task(self) -> int:
+        """A task's size, in batches: a process's task costs this process a hand-over through
+        pipes and two pickles, so it takes several batches' worth once the workers are up."""
+        return PROCESS_TASK_BATCHES if self._pool is not None and self._generation in self._warm else 1
 
     def submit(self, task: Task) -> Future[list[Ready | Refused]]:
         self._taken += len(task.items)

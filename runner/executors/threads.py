@@ -74,7 +74,8 @@ def drive(run: Run) -> tuple[str | None, bool]:
             while (stopped_by is None and not intake_done
                    and preparing + len(prepared) + len(batch) < prep_window):
                 task: list[Item] = []
-                while len(task) < bs:
+                size = bs * preparers.batches_per_task
+                while len(task) < size:
                     if limit is not None and taken >= limit:
                         intake_done = limited = True
                         break
