@@ -75,6 +75,10 @@ def build_body(records: Sequence[RequestRecord], fields: Mapping[str, Any]) -> b
     """The JSON body: `records` (`_id` plus `_base64` or `_url`) beside the top-level fields."""
     out = []
     for r in records:
+        if r.data is not None and not r.extra:  # the usual record: its id and its bytes
+            out.append(b"".join((b'{"_id":', _encode(r.id).encode("ascii"), b',"_base64":"',
+                                 base64.b64encode(r.data), b'"}')))
+            continue
         if r.data is not None:
             image = "_base64"
         elif r.url is not None:
@@ -126,6 +130,7 @@ def parse_answer(data: bytes) -> Any:
 _ONLY_SHAPE = bytes(range(256)).translate(None, b'{}[]"')
 _STRINGS = re.compile(rb'"[^"]*"')
 _SPACE = re.compile(r"[ \t\n\r]*")
+_WHITESPACE = " \t\n\r"
 _decoder = json.JSONDecoder()
 
 
@@ -161,43 +166,53 @@ def _shallow(data: bytes) -> bool:
 
 
 def _split(s: str) -> tuple[dict[str, Any], list[str]] | None:
-    i = _SPACE.match(s).end()
+    i = _skip(s, 0)
     if s[i] != "{":
         return None
     body: dict[str, Any] = {}
     texts: list[str] | None = None
-    i = _SPACE.match(s, i + 1).end()
+    i = _skip(s, i + 1)
     while s[i] != "}":
         if s[i] != '"':
             return None
         key, i = json.decoder.scanstring(s, i + 1)
-        i = _SPACE.match(s, i).end()
+        i = _skip(s, i)
         if s[i] != ":":
             return None
-        i = _SPACE.match(s, i + 1).end()
+        i = _skip(s, i + 1)
         if key == "records" and s[i] == "[":
             records, texts = [], []
-            i = _SPACE.match(s, i + 1).end()
+            i = _skip(s, i + 1)
             while s[i] != "]":
                 value, end = _decoder.raw_decode(s, i)
                 records.append(value)
                 texts.append(s[i:end])
-                i = _SPACE.match(s, end).end()
+                i = _skip(s, end)
                 if s[i] == ",":
-                    i = _SPACE.match(s, i + 1).end()
+                    i = _skip(s, i + 1)
                 elif s[i] != "]":
                     return None
             body[key], i = records, i + 1
         else:
             body[key], i = _decoder.raw_decode(s, i)
-        i = _SPACE.match(s, i).end()
+        i = _skip(s, i)
         if s[i] == ",":
-            i = _SPACE.match(s, i + 1).end()
+            i = _skip(s, i + 1)
         elif s[i] != "}":
             return None
     if s[i + 1:].strip(" \t\n\r") or texts is None:
         return None
     return body, texts
+
+
+def _skip(s: str, i: int) -> int:
+    """The index of the first character from i on that is not JSON whitespace (most often i,
+    or i + 1 after a separator's space: no regular expression call for those)."""
+    if s[i] not in _WHITESPACE:
+        return i
+    if s[i + 1] not in _WHITESPACE:
+        return i + 1
+    return _SPACE.match(s, i).end()
 
 
 def match_records(group: list[RequestRecord], out: list[Any]
