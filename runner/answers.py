@@ -29,7 +29,7 @@ class Answer(NamedTuple):
 _SENT_KEYS = frozenset({"_id", "_base64", "_url"})
 
 
-def reused_record(record: dict[str, Any] | str, item: Item,
+def reused_record(record: Mapping[str, Any] | str, item: Item,
                   source_extra: Mapping[str, Any] | None) -> str:
     """The record `item` gets from an answer paid by another image (as compact JSON): its own
     `_id` and manifest columns, and only the service's analysis of the answer: every key but

@@ -16,6 +16,7 @@ SSLError or a DecodeError, so that both paths say the same thing of the same fai
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import select
@@ -23,7 +24,7 @@ import socket
 import ssl
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -109,19 +110,12 @@ class DirectPool:
         head = self._head_start + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + \
             f"Content-Length: {len(body)}\r\n\r\n"
         try:
-            try:
+            with self._failures("Write", "Connection aborted."):
                 if len(body) <= READ_BYTES:
                     conn.sock.sendall(head.encode("latin-1") + body)
                 else:
                     conn.sock.sendall(head.encode("latin-1"))
                     conn.sock.sendall(body)
-            except TimeoutError as exc:
-                raise ReadTimeoutError(None, self.url,  # type: ignore[arg-type]
-                                       f"Write timed out. (timeout={self.timeout[1]})") from exc
-            except ssl.SSLError as exc:
-                raise SSLError(exc) from exc
-            except OSError as exc:
-                raise ProtocolError("Connection aborted.", exc) from exc
             answer, data, keep = self._answer(conn, cap)
         except BaseException:
             conn.close()
@@ -252,16 +246,22 @@ class DirectPool:
         return version, status, status_line[2] if len(status_line) > 2 else "", headers
 
     def _recv(self, conn: _Conn, *, before_answer: bool = False) -> bytes:
-        try:
+        with self._failures("Read", "Connection aborted." if before_answer
+                            else "Connection broken: "):
             return conn.sock.recv(READ_BYTES)
+
+    @contextlib.contextmanager
+    def _failures(self, doing: str, dropped: str) -> Iterator[None]:
+        """A socket's errors as urllib3's: a timeout, TLS, or the connection dropped."""
+        try:
+            yield
         except TimeoutError as exc:
             raise ReadTimeoutError(None, self.url,  # type: ignore[arg-type]
-                                   f"Read timed out. (read timeout={self.timeout[1]})") from exc
+                                   f"{doing} timed out. (timeout={self.timeout[1]})") from exc
         except ssl.SSLError as exc:
             raise SSLError(exc) from exc
         except OSError as exc:
-            what = "Connection aborted." if before_answer else "Connection broken: "
-            raise ProtocolError(what, exc) from exc
+            raise ProtocolError(dropped, exc) from exc
 
     def _more(self, conn: _Conn) -> bytes:
         """Bytes of the body: what was read past the head first, then the socket's."""

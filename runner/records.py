@@ -144,6 +144,11 @@ class RecordOutcome:
     # not final either, so the image stays pending for the next run.
     unavailable: bool = False
 
+    @property
+    def answer(self) -> Mapping[str, Any] | str:
+        """The record, parsed or as its text (a Dask worker sends the text alone), {} if none."""
+        return self.record if self.record is not None else (self.text or {})
+
 
 @dataclass(frozen=True)
 class Ready:

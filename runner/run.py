@@ -491,7 +491,7 @@ class Run:
                 o = a.outcome
                 if o.ok and late:
                     late_reused += [(it, h, a.item.key,
-                                     reused_record(o.record or {}, it, a.item.extra))
+                                     reused_record(o.answer, it, a.item.extra))
                                     for it in late]
                 else:
                     late_failed += [(it, f"same bytes as {a.item.key}: {o.reason}")

@@ -389,7 +389,7 @@ class Store(RunRows):
                     reused += 1
                     done += 1  # as mark_reused counts a copy answered later: done and reused
                     # A copy gets its own record: its _id and manifest columns, the analysis.
-                    own = reused_record(o.record or {}, f, a.item.extra)
+                    own = reused_record(o.answer, f, a.item.extra)
                     rows_done.append((own, 0, a.content_hash, request_sig, prep_sig, now,
                                       now, run_id, job, f.key))
                     # Followers carry the key they were answered through.

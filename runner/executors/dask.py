@@ -160,6 +160,9 @@ def _send_one(w: WorkerJob, batch: list[Ready]) -> Sent | Exception:
                                    unsent, on_lost, may_send)
     except Exception as exc:  # noqa: BLE001 -- the coordinator decides per batch
         return exc
+    # A record kept as the text it came in crosses back as that text alone: half the bytes for
+    # the coordinator's event loop to take in, and the store needs nothing else.
+    outcomes = [replace(o, record=None) if o.text is not None else o for o in outcomes]
     return Sent(outcomes, requests, tuple(lost))
 
 
