@@ -120,7 +120,7 @@ class DirectPool:
         except BaseException:
             conn.close()
             raise
-        if keep:
+        if keep and not conn.buf:  # bytes past the answer: the connection is out of step
             self._give_back(conn)
         else:
             conn.close()

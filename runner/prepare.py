@@ -136,12 +136,14 @@ _worker_job: Job | None = None
 
 
 def worker_start(job: Job) -> None:
-    """A terminal's Ctrl-C reaches the whole process group; only the run decides what it means
-    (finish the requests in flight, stop)."""
+    """A terminal's Ctrl-C reaches the whole process group, and a service manager's SIGTERM
+    every process of the service; only the run decides what they mean (finish the requests in
+    flight, stop), and it ends its workers on its way out."""
     import signal
 
     global _worker_job
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _worker_job = job
 
 

@@ -126,3 +126,26 @@ def test_a_script_without_the_main_guard_goes_on_with_threads(tmp_path):
         assert f"done {n} failed 0" in proc.stdout.splitlines()[-1], proc.stdout + proc.stderr
         assert "preparation goes on in threads" in proc.stderr
         assert set(sends(sb).values()) == {1}
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_service_stops_the_run_cleanly_with_its_workers(tmp_path):
+    # A service manager stopping the unit signals every process of it, the workers included.
+    n = PROCESSES_AFTER + 500
+    make_images(tmp_path / "imgs", n)
+    with Sandbox(SandboxSettings(token=TOKEN, latency_ms=150)) as sb:
+        job = write_job(tmp_path, sb, tmp_path / "imgs",
+                        api=dict(CHILD_API, batch_size=10, concurrency=2))
+        child = start(tmp_path, "run", str(job), "--json", start_new_session=True)
+        wait_for(lambda: any(has_pillow(w) for w in workers_of(child.proc.pid)),
+                 "a preparation worker at work", child)
+        workers = workers_of(child.proc.pid)
+        os.killpg(child.proc.pid, signal.SIGTERM)
+        assert child.wait() == 4, child.output()
+        assert "Traceback" not in child.stderr and "died" not in child.stderr, child.output()
+        summary = json.loads(child.stdout)
+        assert summary["status"] == "interrupted" and summary["failed"] == 0, summary
+        assert summary["done"] + summary["pending"] == n
+        wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers),
+                 "the workers to end")
+        assert set(sends(sb).values()) <= {1}

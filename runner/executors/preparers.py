@@ -9,11 +9,14 @@ hash, the size, or the refusal), while the `Item`s stay here. A short run (a tes
 a few new images) never pays the workers' start-up.
 
 A worker that dies (the kernel's out-of-memory killer, a decoder's crash) breaks its pool: the
-tasks it held are given to a new pool once, and images whose task breaks a second pool are
-failed with the reason, so that one hostile file cannot stop a run or make it loop. A pool whose
-first task (a no-op) breaks could not start at all (a script calling `run_job` without
-the `if __name__ == "__main__":` guard that starting processes needs): the run goes on with
-threads, and says so. Until a new pool's workers are up, tasks keep going to the threads.
+tasks it held are given to a new pool once, and never to a thread of this process (were a
+decoder's crash the cause, it would take the run down with it); images whose task breaks a
+second pool are failed with the reason, so that one hostile file cannot stop a run or make it
+loop. A pool whose first task (a no-op) breaks could not start at all (a script calling
+`run_job` without the `if __name__ == "__main__":` guard that starting processes needs): the run
+goes on with threads, and says so. Until a new pool's workers are up, new tasks keep going to
+the threads. Workers ignore SIGINT and SIGTERM: the run decides what a stop means, and ends
+them on its way out.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ log = logging.getLogger("ximrun.prepare")
 # hundred images.
 PROCESSES_AFTER = 300
 PROCESS_TASK_BATCHES = 4
-LOST = "the process preparing it died twice (out of memory, or a decoder crashed): "
+LOST = "the process preparing it died"
 
 
 class Task:
@@ -78,11 +81,19 @@ class Preparers:
             self._cold = None
             self._use_processes = False
             self._close_pool()
-        if self._use_processes and self._pool is None and self._taken > PROCESSES_AFTER:
+        if self._use_processes and self._pool is None and (
+                self._taken > PROCESSES_AFTER or task.tries > 1):
             self._start_pool()
-        if self._pool is not None and (self._generation in self._warm or task.tries > 1):
+        if task.tries > 1:
             # A task given back by a broken pool goes to processes only: were its decoder's
             # crash the cause, it would take this process down with it.
+            if self._pool is None:
+                done: Future[list[Ready | Refused]] = Future()
+                done.set_result([Refused(it, f"{LOST}, and no new one could start", read_failed=True)
+                                 for it in task.items])
+                return done
+            return self._in_process(task)
+        if self._pool is not None and self._generation in self._warm:
             return self._in_process(task)
         task.pool = 0
         return self._threads.submit(prepare_items, self.job, task.items)
@@ -98,10 +109,8 @@ class Preparers:
             if task.tries >= 2:
                 log.error("%d image(s) failed: their preparing process died twice (%s)",
                           len(task.items), exc)
-                return [Refused(it, LOST + str(exc or "no reason given"), read_failed=True)
-                        for it in task.items]
-            if self._use_processes and self._pool is None:
-                self._start_pool()
+                why = f"{LOST} twice (out of memory, or a decoder crashed): {exc}"
+                return [Refused(it, why, read_failed=True) for it in task.items]
             return None
 
     def _start_pool(self) -> None:

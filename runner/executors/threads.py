@@ -137,6 +137,9 @@ def drive(run: Run) -> tuple[str | None, bool]:
                         preparing -= len(t.items)
                         continue
                     got = preparers.result(t, f)
+                    if got is None and stopped_by is not None:
+                        preparing -= len(t.items)  # nothing more is sent: left pending
+                        continue
                     if got is None:  # its worker died: once more, in a new pool
                         f = preparers.submit(t)
                         prep_inflight[f] = t
