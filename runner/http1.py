@@ -215,6 +215,11 @@ class DirectPool:
         while True:
             end = buf.find(b"\r\n\r\n", max(0, start - 3))
             if end >= 0:
+                size = 4
+                break
+            end = buf.find(b"\n\n", max(0, start - 1))  # bare LFs, which http.client takes too
+            if end >= 0:
+                size = 2
                 break
             if len(buf) > MAX_HEAD_BYTES:
                 raise ProtocolError("Connection aborted.",
@@ -225,8 +230,8 @@ class DirectPool:
                 raise ProtocolError("Connection aborted.", http.client.RemoteDisconnected(
                     "Remote end closed connection without response"))
             buf += chunk
-        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-        del buf[:end + 4]
+        lines = bytes(buf[:end]).decode("latin-1").replace("\r\n", "\n").split("\n")
+        del buf[:end + size]
         status_line = lines[0].split(None, 2)
         try:
             version, status = status_line[0], int(status_line[1])

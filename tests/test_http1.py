@@ -133,6 +133,15 @@ def test_interim_answers_come_before_the_real_one():
         assert post(url)[:2] == (200, b"real")
 
 
+def test_bare_line_feeds_are_taken_as_http_client_takes_them():
+    with scripted(b"HTTP/1.1 200 OK\nContent-Length: 4\nX-A: b\n\nbody", ok(b"next")) as (url, seen):
+        pool = DirectPool(url, 4, TIMEOUT, None)
+        answer, data = pool.post(b"{}", {}, 1 << 20)
+        assert (answer.status, answer.headers.get("x-a"), data) == (200, "b", b"body")
+        assert pool.post(b"{}", {}, 1 << 20)[1] == b"next"
+    assert seen == [1, 1]
+
+
 def test_an_answer_read_to_the_end_closes_its_connection():
     with scripted(b"HTTP/1.0 200 OK\r\n\r\nuntil the end", ok(b"new")) as (url, seen):
         pool = DirectPool(url, 4, TIMEOUT, None)
