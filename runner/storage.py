@@ -7,21 +7,19 @@ filesystem (S3, HTTP) are fetched together on fsspec's event loop.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import stat
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import fsspec
-import fsspec.asyn
-from fsspec.spec import AbstractFileSystem
+from typing import TYPE_CHECKING, Any
 
 from runner.errors import ReadError, brief
 from runner.job import SourceConfig, is_url
 from runner.records import Item, text_safe
+
+if TYPE_CHECKING:  # fsspec loads with the first remote object: a local run does without it
+    from fsspec.spec import AbstractFileSystem
 
 S3 = ("s3", "s3a")
 HTTP = ("http", "https")
@@ -146,6 +144,8 @@ def read_many(items: Sequence[Item], source: SourceConfig, limit: int | None = N
             out[i] = exc
     for fs, paths in remote.values():
         # fs.cat would expand glob characters in keys; each object's own coroutine does not.
+        import fsspec.asyn
+
         got = fsspec.asyn.sync(fs.loop, _cat_all, fs, [path for _, path in paths])
         for (i, _), data in zip(paths, got, strict=True):
             if isinstance(data, BaseException):
@@ -158,6 +158,8 @@ def read_many(items: Sequence[Item], source: SourceConfig, limit: int | None = N
 
 
 async def _cat_all(fs: Any, paths: list[str]) -> list[bytes | BaseException]:
+    import asyncio
+
     return await asyncio.gather(*(fs._cat_file(p) for p in paths), return_exceptions=True)
 
 
@@ -219,6 +221,8 @@ def filesystem(protocol: str, storage_options: Mapping[str, Any]) -> AbstractFil
             if protocol not in LOCAL:
                 # Our listings are read once; a cached one would hide objects changed since.
                 opts["use_listings_cache"] = False
+            import fsspec
+
             fs = fsspec.filesystem(protocol, skip_instance_cache=True, **opts)
             _fs_cache[key] = fs
         return fs

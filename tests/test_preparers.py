@@ -149,3 +149,13 @@ def test_sigterm_to_the_whole_service_stops_the_run_cleanly_with_its_workers(tmp
         wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers),
                  "the workers to end")
         assert set(sends(sb).values()) <= {1}
+
+
+def test_a_worker_imports_little_before_its_first_image():
+    # A worker's start (an interpreter importing what prepare_compact needs) is what the run
+    # waits for before its preparation leaves the run's threads: no fsspec, no HTTP client.
+    code = ("import sys, runner.prepare; "
+            "print(sorted(m for m in ('fsspec', 'urllib3', 'click', 'sqlite3') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=child_env(), check=True).stdout.strip()
+    assert out == "[]"
