@@ -2,7 +2,8 @@
 
 A run longer than PROCESSES_AFTER images prepares in worker processes and records what a short
 run (threads only) records; a worker killed in the middle of a run costs no image; a script
-calling run_job without the `__main__` guard goes on with threads.
+calling run_job without the `__main__` guard, or a daemonic process, goes on with threads;
+SIGTERM to the whole process group stops the run cleanly; a worker imports little.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from driver import (
@@ -159,3 +161,41 @@ def test_a_worker_imports_little_before_its_first_image():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=child_env(), check=True).stdout.strip()
     assert out == "[]"
+
+
+def _run_in_daemon(job_path: str, out: Any) -> None:
+    import logging
+
+    from runner import load_job, run_job
+
+    caught: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            caught.append(record.getMessage())
+
+    logging.getLogger("ximrun").addHandler(Keep())
+    s = run_job(load_job(job_path))
+    out.put((s.done, s.failed, caught))
+
+
+@pytest.mark.slow
+def test_a_daemonic_process_with_no_children_allowed_runs_the_job_on_threads(tmp_path,
+                                                                            monkeypatch):
+    # A task queue's worker (Celery's prefork pool) is a daemonic process: it may start none.
+    import multiprocessing
+
+    n = PROCESSES_AFTER + 100
+    make_images(tmp_path / "imgs", n)
+    with Sandbox(SandboxSettings(token=TOKEN)) as sb:
+        job = write_job(tmp_path, sb, tmp_path / "imgs", api=CHILD_API)
+        ctx = multiprocessing.get_context("spawn")
+        out = ctx.Queue()
+        monkeypatch.setenv("XIMILAR_TOKEN", TOKEN)  # the child's environment, at its start
+        p = ctx.Process(target=_run_in_daemon, args=(str(job), out), daemon=True)
+        p.start()
+        done, failed, said = out.get(timeout=120)
+        p.join(30)
+        assert (done, failed) == (n, 0)
+        assert any("preparation goes on in threads" in m for m in said), said
+        assert set(sends(sb).values()) == {1}
