@@ -190,9 +190,9 @@ def _measured_run(tmp: Path, name: str, images: Path, endpoint: str, concurrency
 
 @contextlib.contextmanager
 def _timed_preparation(m: Measured) -> Iterator[None]:
-    from runner.executors import preparers as threads
+    from runner.executors import preparers
 
-    original = threads.prepare_items
+    original = preparers.prepare_items
     lock = threading.Lock()
 
     @functools.wraps(original)
@@ -206,11 +206,11 @@ def _timed_preparation(m: Measured) -> Iterator[None]:
                 m.prep_s += spent
                 m.prep_calls += len(items)
 
-    threads.prepare_items = timed
+    preparers.prepare_items = timed
     try:
         yield
     finally:
-        threads.prepare_items = original
+        preparers.prepare_items = original
 
 
 def _bare_client(images: Path, n: int, endpoint: str, token: str, concurrency: int

@@ -12,11 +12,10 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import urllib3
 from urllib3.exceptions import HTTPError as TransportError
 
 from runner import __version__
@@ -43,19 +42,16 @@ from runner.transport import (
 )
 from runner.wire import (
     ACCOUNT_PATH,
-    BISECT_HTTP,
     Redactor,
+    Reply,
     authorization,
-    body_status,
     build_body,
-    error_detail,
     has_content,
     is_retryable,
-    match_records,
     parse_answer,
-    parse_retry_after,
+    read_reply,
     record_status,
-    split_plain,
+    refusal,
 )
 
 log = logging.getLogger("ximrun.client")
@@ -84,23 +80,6 @@ class _Submission:
     # with their _id, or one with neither a status nor content): a fault of the record's answer,
     # not of the service, so they fail when their retries run out instead of staying pending.
     record_faults: set[str] = field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class _Reply:
-    """What one HTTP request came to, before the retry policy looks at it."""
-
-    kind: str  # "records" | "retry" | "bisect" | "fail"
-    error: str = ""
-    status: int | None = None
-    retry_after: float | None = None
-    records: tuple[tuple[RequestRecord, Mapping[str, Any]], ...] = ()
-    unsent: bool = False  # the request never reached the service (no connection was made)
-    lost: bool = False  # it may have been billed and its answer is lost (dropped, timed out, ...)
-    unmatched: tuple[RequestRecord, ...] = ()  # sent, but no answer is theirs with certainty
-    # A plain, clean answer's records as received, by id() of their parsed dicts: kept as they
-    # are (wire.split_plain, Redactor.clean)
-    texts: Mapping[int, str] | None = None
 
 
 class ApiClient:
@@ -178,8 +157,9 @@ class ApiClient:
         for r in records:
             o = batch.outcomes.get(r.id)
             if o is None:  # not reachable by design; a pending record is safer than a lost one
-                o = RecordOutcome(r.id, ok=False, reason=STOPPED, final=False)
-            out.append(_with_attempts(o, batch.attempts.get(r.id, 0)))
+                o = RecordOutcome(r.id, ok=False, reason=STOPPED, final=False,
+                                  attempts=batch.attempts.get(r.id, 0))
+            out.append(o)
         return out
 
     def account_details(self) -> dict[str, Any] | None:
@@ -196,7 +176,7 @@ class ApiClient:
             log.debug("account details unavailable: %s", self._redactor.text(reason))
             return None
         if resp.status in (401, 403):
-            self._refuse(AuthError(self._auth_message(resp, data)))
+            self._refuse(AuthError(refusal(resp, data, self._redactor)))
         if not 200 <= resp.status < 300:
             log.debug("account details unavailable: http %d", resp.status)
             return None
@@ -235,8 +215,8 @@ class ApiClient:
             if withheld is not None:
                 self.limit.release()
                 for r in pending:
-                    batch.outcomes[r.id] = RecordOutcome(r.id, ok=False, final=False,
-                                                         reason=f"not sent: {withheld}")
+                    self._set_outcome(batch, r, ok=False, final=False,
+                                      reason=f"not sent: {withheld}")
                 return
             try:
                 answer = self._request(batch, pending)
@@ -278,7 +258,7 @@ class ApiClient:
                 return
             pending = again
 
-    def _bisect(self, batch: _Submission, group: list[RequestRecord], answer: _Reply) -> None:
+    def _bisect(self, batch: _Submission, group: list[RequestRecord], answer: Reply) -> None:
         if len(group) == 1:
             self._set_outcome(batch, group[0], ok=False, reason=answer.error, status=answer.status,
                          too_large=answer.status == 413)
@@ -291,7 +271,7 @@ class ApiClient:
         self._send(batch, group[:mid])
         self._send(batch, group[mid:])
 
-    def _record_outcomes(self, batch: _Submission, answer: _Reply) -> list[RequestRecord]:
+    def _record_outcomes(self, batch: _Submission, answer: Reply) -> list[RequestRecord]:
         """Record each answered record's outcome; return the records to send again."""
         again: list[RequestRecord] = []
         throttled = False
@@ -330,7 +310,7 @@ class ApiClient:
             self.limit.on_throttle()
         return again
 
-    def _kept(self, answer: _Reply, rec: Mapping[str, Any]) -> dict[str, Any]:
+    def _kept(self, answer: Reply, rec: Mapping[str, Any]) -> dict[str, Any]:
         """What an outcome keeps of its record: as received when the answer was plain and clean,
         else redacted (and then encoded by the store)."""
         if answer.texts is not None:
@@ -338,6 +318,8 @@ class ApiClient:
         return {"record": self._redactor.record(rec)}
 
     def _set_outcome(self, batch: _Submission, r: RequestRecord, **kw: Any) -> None:
+        """A record is settled: its outcome, with the requests that carried it so far (none
+        carries it after this)."""
         batch.outcomes[r.id] = RecordOutcome(r.id, attempts=batch.attempts.get(r.id, 0), **kw)
 
     def _halted_outcomes(self, batch: _Submission, records: Sequence[RequestRecord]) -> None:
@@ -356,7 +338,7 @@ class ApiClient:
 
     def _stopped_outcomes(self, batch: _Submission, records: Sequence[RequestRecord]) -> None:
         for r in records:
-            batch.outcomes[r.id] = RecordOutcome(r.id, ok=False, reason=STOPPED, final=False)
+            self._set_outcome(batch, r, ok=False, reason=STOPPED, final=False)
 
     def _delay(self, retry_no: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -401,7 +383,7 @@ class ApiClient:
         assert isinstance(exc, TransportError)
         return transport_error(exc, self._timeout)
 
-    def _request(self, batch: _Submission, group: list[RequestRecord]) -> _Reply:
+    def _request(self, batch: _Submission, group: list[RequestRecord]) -> Reply:
         try:
             self._check_refused()
         except AuthError as exc:
@@ -413,7 +395,7 @@ class ApiClient:
         if batch.on_attempt is not None:
             batch.on_attempt([r.id for r in group], batch.requests)
         started = self.breaker.began()
-        reply: _Reply | None = None
+        reply: Reply | None = None
         try:
             reply = self._exchange(batch, group)
         finally:
@@ -430,7 +412,7 @@ class ApiClient:
             batch.on_lost([r.id for r in group], batch.requests)
         return reply
 
-    def _exchange(self, batch: _Submission, group: list[RequestRecord]) -> _Reply:
+    def _exchange(self, batch: _Submission, group: list[RequestRecord]) -> Reply:
         body = build_body(group, self.fields)
         cap = self.ANSWER_BASE_BYTES + self.ANSWER_PER_RECORD_BYTES * len(group)
         try:
@@ -451,69 +433,20 @@ class ApiClient:
             # here may have been sent and billed, so it counts as an attempt like any other,
             # unless no connection was ever made.
             unsent = isinstance(exc, TransportError) and never_sent(exc)
-            return _Reply("retry", error=self._redactor.text(self._transport_reason(exc, deadline)),
+            return Reply("retry", error=self._redactor.text(self._transport_reason(exc, deadline)),
                           unsent=unsent, lost=not unsent)
-        try:
-            return self._read_answer(resp, data, group)
-        except AuthError as exc:
-            exc.first_unbilled = batch.requests == 1
-            raise
-
-    def _read_answer(self, resp: urllib3.BaseHTTPResponse, data: bytes,
-                     group: list[RequestRecord]) -> _Reply:
-        code = resp.status
-        if code in (401, 403):
-            self._refuse(AuthError(self._auth_message(resp, data)))
-        plain = (split_plain(data) if 200 <= code < 300 and self._redactor.clean(data)
-                 else None)
-        # None for a proxy's HTML page: judged by its status code below
-        body = plain[0] if plain is not None else parse_answer(data)
-        if 200 <= code < 300 and isinstance(body, dict) and isinstance(body.get("records"), list):
-            matched = match_records(group, body["records"])
-            if matched is None:
-                return _Reply("retry", status=code, lost=True, error=(
-                    f"bad answer: {len(body['records'])} records for {len(group)} sent"))
-            pairs, unmatched = matched
-            if not unmatched:
-                self.limit.on_success()
-            texts = ({id(rec): text for rec, text in zip(body["records"], plain[1], strict=True)}
-                     if plain is not None else None)
-            return _Reply("records", status=code, records=pairs, unmatched=unmatched,
-                          texts=texts)
-        if 200 <= code < 300:
-            # Some answers carry the error in the body's own `status`; otherwise it is garbage.
-            inner = body_status(body)
-            if inner is None or 200 <= inner < 300:
-                what = "no records" if isinstance(body, dict) else "not JSON"
-                return _Reply("retry", status=code, lost=True,
-                              error=f"bad answer: http {code} with {what}")
-            if inner in (401, 403):
-                self._refuse(AuthError(self._auth_message(resp, data, inner)))
-            code = inner
-        error = f"http {code}: {self._redactor.text(error_detail(resp, data, body))}"
-        if 300 <= code < 400:
-            where = self._redactor.text(resp.headers.get("Location", "?"))
-            error = f"http {code}: redirected to {where}; check api.endpoint"
-        if code == 429:
+        reply = read_reply(resp, data, group, self._redactor)
+        if reply.kind == "refused":
+            try:
+                self._refuse(AuthError(reply.error))
+            except AuthError as exc:
+                exc.first_unbilled = batch.requests == 1
+                raise
+        if reply.status == 429:
             self.limit.on_throttle()
-        if is_retryable(code):
-            # A gateway that timed out waiting (504) may hide a request the service processed
-            # and billed; other error answers say it was not processed.
-            return _Reply("retry", status=code, error=error, lost=code == 504,
-                           retry_after=parse_retry_after(resp.headers.get("Retry-After")))
-        if code in BISECT_HTTP:
-            return _Reply("bisect", status=code,
-                           error=f"api {code}: {self._redactor.text(error_detail(resp, data, body))}")
-        return _Reply("fail", status=code, error=error)
-
-    # --- plumbing -------------------------------------------------------------------------------
-
-    def _auth_message(self, resp: urllib3.BaseHTTPResponse, data: bytes,
-                      code: int | None = None) -> str:
-        body = parse_answer(data)
-        detail = self._redactor.text(error_detail(resp, data, body))
-        return (f"the API refused the token (HTTP {code or resp.status}): {detail}; "
-                "check the token variable named in api.token_env")
+        elif reply.kind == "records" and not reply.unmatched:
+            self.limit.on_success()
+        return reply
 
 
 # --- answers --------------------------------------------------------------------------------------
@@ -522,6 +455,3 @@ class ApiClient:
 def _retry_reason(batch: _Submission, records: Sequence[RequestRecord]) -> str:
     return batch.last_error[records[0].id][0] if records else ""
 
-
-def _with_attempts(o: RecordOutcome, attempts: int) -> RecordOutcome:
-    return o if o.attempts == attempts else replace(o, attempts=attempts)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import os
 import select
 import socket
 import ssl
@@ -82,7 +81,8 @@ class DirectPool:
     """Keep-alive connections to the origin of `endpoint_url`, shared by every request thread."""
 
     def __init__(self, endpoint_url: str, size: int, timeout: tuple[float, float],
-                 ca: str | None) -> None:
+                 ca: tuple[str | None, str | None]) -> None:
+        """`ca`: the CA bundle's file or folder (transport.ca_bundle)."""
         parts = urlsplit(endpoint_url)
         self.scheme = parts.scheme
         self.host = parts.hostname or ""
@@ -97,9 +97,7 @@ class DirectPool:
         self._lock = threading.Lock()
         self._tls: ssl.SSLContext | None = None
         if self.scheme == "https":
-            ctx = ssl.create_default_context(
-                cafile=ca if ca and not _is_dir(ca) else None,
-                capath=ca if ca and _is_dir(ca) else None)
+            ctx = ssl.create_default_context(cafile=ca[0], capath=ca[1])
             ctx.set_alpn_protocols(["http/1.1"])
             self._tls = ctx
 
@@ -355,8 +353,6 @@ class _Capped:
             # Never more than the cap allows (plus a byte, to tell): a bomb stops here.
             out = self.decoder.decompress(data, self.cap - self.total + 1)
         except zlib.error as exc:
-            if isinstance(self.decoder, _Deflate) and self.decoder.may_switch():
-                return self._decode(data)
             raise DecodeError(f"Received response with content-encoding, but failed to "
                               f"decode it: {exc}") from exc
         return out
@@ -366,26 +362,22 @@ class _Capped:
 
 
 class _Deflate:
-    """"deflate" as servers send it: zlib-wrapped as the standard says, or raw."""
+    """"deflate" as servers send it: zlib-wrapped as the standard says, or raw (told by the
+    first bytes: zlib refuses a raw stream at once)."""
 
     def __init__(self) -> None:
         self._d = zlib.decompressobj()
-        self._raw = False
-        self._fed = False
+        self._started = False
 
     def decompress(self, data: bytes, max_length: int) -> bytes:
-        if not self._raw:
-            self._first = data if not self._fed else b""
-        self._fed = True
-        return self._d.decompress(data, max_length)
-
-    def may_switch(self) -> bool:
-        if self._raw or not self._first:
-            return False
-        self._raw = True
-        self._d = zlib.decompressobj(-zlib.MAX_WBITS)
-        self._fed = False
-        return True
+        if self._started:
+            return self._d.decompress(data, max_length)
+        self._started = True
+        try:
+            return self._d.decompress(data, max_length)
+        except zlib.error:
+            self._d = zlib.decompressobj(-zlib.MAX_WBITS)
+            return self._d.decompress(data, max_length)
 
 
 def _decoder(encoding: str) -> Any:
@@ -406,6 +398,3 @@ def _dropped(sock: socket.socket) -> bool:
     except OSError:
         return True
 
-
-def _is_dir(path: str) -> bool:
-    return os.path.isdir(path)

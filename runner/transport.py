@@ -313,8 +313,7 @@ def pool_manager(endpoint_url: str, size: int, timeout: tuple[float, float],
         "num_pools": 4, "maxsize": size + 2, "block": False, "retries": False,
         "timeout": urllib3.Timeout(connect=timeout[0], read=timeout[1]),
     }
-    ca = ca_bundle()
-    kw["ca_certs" if os.path.isfile(ca) else "ca_cert_dir"] = ca
+    kw["ca_certs"], kw["ca_cert_dir"] = ca_bundle()
     if proxy is None:
         return _with_deadlines(urllib3.PoolManager(**kw))
     parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
@@ -334,15 +333,15 @@ def pool_manager(endpoint_url: str, size: int, timeout: tuple[float, float],
                                                 proxy_headers=headers, **kw))
 
 
-def ca_bundle() -> str:
-    """The CA bundle (a file or a folder) REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE names, else
-    certifi's."""
+def ca_bundle() -> tuple[str | None, str | None]:
+    """The CA bundle REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE names, else certifi's, as (file,
+    None) or (None, folder)."""
     ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
     if not ca:
         import certifi
 
         ca = certifi.where()
-    return ca
+    return (ca, None) if os.path.isfile(ca) else (None, ca)
 
 
 def _with_deadlines(manager: urllib3.PoolManager) -> urllib3.PoolManager:

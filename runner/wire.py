@@ -12,9 +12,8 @@ import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import urllib3
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from runner.errors import brief
 from runner.job import JWT_MIN_LENGTH
@@ -27,6 +26,16 @@ from runner.records import (
 )
 
 log = logging.getLogger("ximrun.client")
+
+
+class HttpAnswer(Protocol):
+    """What an answer is read by: urllib3's response, or http1.py's `Answer`."""
+
+    status: int
+    reason: str | None
+
+    @property
+    def headers(self) -> Any: ...  # `.get(name, default)`, the name in any case
 
 ACCOUNT_PATH = "account/v2/details/"
 # Whole-request codes worth another try; 501/505 say the request can never work, so not all 5xx.
@@ -307,7 +316,7 @@ def body_status(body: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def error_detail(resp: urllib3.BaseHTTPResponse, data: bytes, body: Any) -> str:
+def error_detail(resp: HttpAnswer, data: bytes, body: Any) -> str:
     """A short reason from an error answer: its JSON detail, or the first words of its text."""
     if isinstance(body, dict):
         for key in ("detail", "message", "error"):
@@ -324,7 +333,7 @@ def error_detail(resp: urllib3.BaseHTTPResponse, data: bytes, body: Any) -> str:
     return brief(text) or (resp.reason or "no detail")
 
 
-def text_of_body(resp: urllib3.BaseHTTPResponse, data: bytes) -> str:
+def text_of_body(resp: HttpAnswer, data: bytes) -> str:
     """The answer's body as text, in the charset its Content-Type names (else UTF-8)."""
     match = re.search(r"charset=([\w.:-]+)", resp.headers.get("Content-Type", ""), re.I)
     try:
@@ -371,6 +380,74 @@ class Redactor:
         if isinstance(value, list):
             return [self._scrub(v) for v in value]
         return value
+
+@dataclass(frozen=True)
+class Reply:
+    """What one HTTP request came to, before the client's retry policy looks at it."""
+
+    kind: str  # "records" | "retry" | "bisect" | "fail" | "refused" (the token: error says why)
+    error: str = ""
+    status: int | None = None
+    retry_after: float | None = None
+    records: tuple[tuple[RequestRecord, Mapping[str, Any]], ...] = ()
+    unsent: bool = False  # the request never reached the service (no connection was made)
+    lost: bool = False  # it may have been billed and its answer is lost (dropped, timed out, ...)
+    unmatched: tuple[RequestRecord, ...] = ()  # sent, but no answer is theirs with certainty
+    # A plain, clean answer's records as received, by id() of their parsed dicts: kept as they
+    # are (split_plain, Redactor.clean)
+    texts: Mapping[int, str] | None = None
+
+
+def read_reply(resp: HttpAnswer, data: bytes, group: list[RequestRecord],
+               redactor: Redactor) -> Reply:
+    """What an answer to the records of `group` says (docs/api-protocol.md, "Response" and
+    "Errors and retry rules")."""
+    code = resp.status
+    if code in (401, 403):
+        return Reply("refused", status=code, error=refusal(resp, data, redactor))
+    plain = split_plain(data) if 200 <= code < 300 and redactor.clean(data) else None
+    # None for a proxy's HTML page: judged by its status code below
+    body = plain[0] if plain is not None else parse_answer(data)
+    if 200 <= code < 300 and isinstance(body, dict) and isinstance(body.get("records"), list):
+        matched = match_records(group, body["records"])
+        if matched is None:
+            return Reply("retry", status=code, lost=True, error=(
+                f"bad answer: {len(body['records'])} records for {len(group)} sent"))
+        pairs, unmatched = matched
+        texts = ({id(rec): text for rec, text in zip(body["records"], plain[1], strict=True)}
+                 if plain is not None else None)
+        return Reply("records", status=code, records=pairs, unmatched=unmatched, texts=texts)
+    if 200 <= code < 300:
+        # Some answers carry the error in the body's own `status`; otherwise it is garbage.
+        inner = body_status(body)
+        if inner is None or 200 <= inner < 300:
+            what = "no records" if isinstance(body, dict) else "not JSON"
+            return Reply("retry", status=code, lost=True,
+                         error=f"bad answer: http {code} with {what}")
+        if inner in (401, 403):
+            return Reply("refused", status=inner, error=refusal(resp, data, redactor, inner))
+        code = inner
+    error = f"http {code}: {redactor.text(error_detail(resp, data, body))}"
+    if 300 <= code < 400:
+        where = redactor.text(resp.headers.get("Location", "?"))
+        error = f"http {code}: redirected to {where}; check api.endpoint"
+    if is_retryable(code):
+        # A gateway that timed out waiting (504) may hide a request the service processed
+        # and billed; other error answers say it was not processed.
+        return Reply("retry", status=code, error=error, lost=code == 504,
+                     retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+    if code in BISECT_HTTP:
+        return Reply("bisect", status=code,
+                     error=f"api {code}: {redactor.text(error_detail(resp, data, body))}")
+    return Reply("fail", status=code, error=error)
+
+
+def refusal(resp: HttpAnswer, data: bytes, redactor: Redactor, code: int | None = None) -> str:
+    """Why the API refused the token, for the run's error message."""
+    detail = redactor.text(error_detail(resp, data, parse_answer(data)))
+    return (f"the API refused the token (HTTP {code or resp.status}): {detail}; "
+            "check the token variable named in api.token_env")
+
 
 
 def account_figure(details: Mapping[str, Any] | None, key: str = "credits_counter") -> int | None:

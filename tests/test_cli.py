@@ -305,7 +305,7 @@ LONG_TOKEN = "eyJhbGciOiJIUzI1NiJ9." + "x" * 60  # 81 characters: a JWT for "aut
 
 
 def test_auth_scheme_picks_the_authorization_header():
-    from runner.client import authorization
+    from runner.wire import authorization
 
     assert authorization("abc") == "Token abc"
     assert authorization(LONG_TOKEN) == f"JWT {LONG_TOKEN}"

@@ -25,11 +25,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from runner.client import AdaptiveLimit, ApiClient, build_body, parse_retry_after
+from runner.client import ApiClient
 from runner.errors import AuthError
 from runner.job import ApiConfig, SandboxSettings
 from runner.records import RequestRecord
 from runner.sandbox import Sandbox
+from runner.transport import AdaptiveLimit
+from runner.wire import build_body, parse_retry_after
 
 TOKEN = "tok-7f3a9c1e5b"
 

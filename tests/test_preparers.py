@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 from driver import (
     CHILD_API,
+    REPO,
     TOKEN,
     child_env,
     export_rows,
@@ -199,3 +201,31 @@ def test_a_daemonic_process_with_no_children_allowed_runs_the_job_on_threads(tmp
         assert (done, failed) == (n, 0)
         assert any("preparation goes on in threads" in m for m in said), said
         assert set(sends(sb).values()) == {1}
+
+
+@pytest.mark.slow
+def test_workers_prepare_every_sample_file_as_threads_do(tmp_path):
+    # Every kind of file the demo holds (conversions, rejections with their reasons, broken
+    # files), prepared at the end of a long run by the workers and in a short run by threads.
+    samples = sorted(p for p in (REPO / "sample_data").iterdir() if p.name != "README.md")
+    make_images(tmp_path / "long", PROCESSES_AFTER + 300)
+    (tmp_path / "short").mkdir()
+    for p in samples:
+        shutil.copy(p, tmp_path / "long" / f"zz-{p.name}")  # listed last: the workers are up
+        shutil.copy(p, tmp_path / "short" / p.name)
+    with Sandbox(SandboxSettings(token=TOKEN, latency_ms=50)) as sb:
+        api = dict(CHILD_API, batch_size=10, concurrency=2)
+        long_job = write_job(tmp_path, sb, tmp_path / "long", name="long", api=api)
+        short_job = write_job(tmp_path, sb, tmp_path / "short", name="short", api=api)
+        for job in (long_job, short_job):
+            run = ximrun(tmp_path, "run", str(job), "--json", tag=job.stem)
+            assert run.proc.returncode in (0, 1), run.output()
+        assert "preparation moves to" in (tmp_path / "long-0.err").read_text()
+    fields = ("state", "reason", "content_hash")
+    long_rows = {Path(k).name.removeprefix("zz-"): {f: r[f] for f in fields}
+                 for k, r in export_rows(long_job).items() if Path(k).name.startswith("zz-")}
+    short_rows = {Path(k).name: {f: r[f] for f in fields}
+                  for k, r in export_rows(short_job).items()}
+    assert len(short_rows) == len(samples)
+    assert long_rows == short_rows
+    assert {r["state"] for r in short_rows.values()} >= {"done", "rejected"}

@@ -65,8 +65,7 @@ class Preparers:
         self._generation = 0  # of the pool, counted from 1
         self._warm: set[int] = set()  # generations whose workers have started
         self._cold: BaseException | None = None  # why the workers could not start
-        self._taken = 0
-        self.restarts = 0
+        self._taken = 0  # images submitted (a task given back is not counted again)
 
     @property
     def batches_per_task(self) -> int:
@@ -75,7 +74,8 @@ class Preparers:
         return PROCESS_TASK_BATCHES if self._pool is not None and self._generation in self._warm else 1
 
     def submit(self, task: Task) -> Future[list[Ready | Refused]]:
-        self._taken += len(task.items)
+        if not task.tries:
+            self._taken += len(task.items)
         task.tries += 1
         if self._cold is not None:  # said when found (`_start_pool`)
             self._cold = None
@@ -168,7 +168,6 @@ class Preparers:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
             if self._generation in self._warm:
-                self.restarts += 1
                 log.warning("a preparing process died; starting new ones")
 
     def __enter__(self) -> Preparers:
