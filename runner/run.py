@@ -18,15 +18,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from runner.answers import BatchAnswer, reused_record
+from runner.attempts import AttemptRow
 from runner.classify import Classified, Listed
 from runner.client import ApiClient, AttemptFn, GateFn
 from runner.errors import AuthError, ExitCode, SourceError
 from runner.job import Job
-from runner.limits import DURATION, MONEY, NO_LIMIT, Limits, stop_message
+from runner.limits import DURATION, MONEY, NO_LIMIT, Limits
 from runner.prepare import prep_signature, prepare_smaller
 from runner.records import (
-    FAILED,
-    PENDING,
     Item,
     Ready,
     RecordOutcome,
@@ -34,8 +33,9 @@ from runner.records import (
     url_without_secrets,
 )
 from runner.sources import check_sources, iter_chunks, list_items
-from runner.store import Store
+from runner.store import AnsweredBatch, Store
 from runner.summary import KIND_COUNTERS, ProgressFn, RunOptions, Summary
+from runner.verdict import settle
 from runner.wire import account_figure
 
 log = logging.getLogger("ximrun.run")
@@ -198,56 +198,7 @@ class Run:
         finally:
             s.elapsed_s = round(time.monotonic() - started, 3)
             self.settle_listing()
-        if self.auth_error is not None:
-            s.status, s.exit_code, s.message = "auth_refused", ExitCode.AUTH, str(self.auth_error)
-        else:
-            if stopped_by != "unavailable":  # a dead service would only make the run wait
-                with contextlib.suppress(AuthError):
-                    details = self.client.account_details()
-                    s.account_after = account_figure(details)
-                    s.account_limit = account_figure(details, "credits_limit")
-            if listing_complete:
-                src = self.job.source
-                self.store.mark_missing(self.job.name, self.run_id,
-                                        unique_listing=len(src.paths) + bool(src.manifest) == 1)
-            s.pending = self.store.count_listed(self.job.name, PENDING)
-            failed = self.store.count_listed(self.job.name, FAILED)
-            if stopped_by == "interrupted":
-                s.status, s.exit_code = "interrupted", ExitCode.INTERRUPTED
-            elif stopped_by == "unavailable":
-                s.status, s.exit_code = "api_unavailable", ExitCode.UNAVAILABLE
-                s.message = (f"the API is unavailable {self.client.breaker.describe()}; the "
-                             f"circuit breaker opened and no new batch was sent. {s.pending} "
-                             "image(s) left pending, none marked failed for it; the next run "
-                             "continues" + (f" ({failed} image(s) failed: the API refused "
-                                            "their records)" if failed else ""))
-            elif stopped_by == DURATION or (stopped_by in (*MONEY, "limit") and s.pending):
-                s.status, s.exit_code = f"stopped_by_{stopped_by}", ExitCode.STOPPED
-                if stopped_by != "limit":
-                    s.stopped_by = stopped_by
-                    s.message = stop_message(stopped_by, self.limits.left())
-            elif s.unavailable and s.pending:
-                # The service failed some batches to the end of their retries: nothing of theirs
-                # is marked failed, and the next plain run sends them.
-                s.status, s.exit_code = "finished_with_pending", ExitCode.UNAVAILABLE
-                s.message = (f"{s.pending} image(s) left pending: the API failed "
-                             f"{s.unavailable} image(s) after their retries (last error: "
-                             f"{self.service_error}); the next run sends them"
-                             + (f"; {failed} image(s) failed" if failed else ""))
-            elif failed:
-                s.status, s.exit_code = "finished_with_failures", ExitCode.FAILURES
-                s.message = f"{failed} image(s) failed; see `ximrun status` or `ximrun export`"
-            else:
-                s.status, s.exit_code = "finished", ExitCode.OK
-        s.missing = self.store.missing_count(self.job.name)
-        if s.account_before is not None and s.account_after is not None:
-            s.account_gap = s.account_after - s.account_before - s.credits
-            if s.account_gap:
-                log.warning("%s", self.summary.account_gap_message(self.per_image, self.batch_no))
-        s.limits = self.limits.left()
-        self.store.finish_run(self.run_id, status=s.status, exit_code=s.exit_code,
-                              account_after=s.account_after, account_gap=s.account_gap,
-                              skipped_rows=s.skipped_rows, skipped_first=s.skipped_first)
+        settle(self, stopped_by, listing_complete)
         self.report()
         return s
 
@@ -400,9 +351,13 @@ class Run:
 
     def record_attempt(self, batch_no: int, attempt: int, ids: Sequence[str]) -> None:
         """Before a request leaves: the accountability row for the money it may cost."""
-        self.store.record_attempt(self.job.name, self.run_id, batch_no, attempt, list(ids))
+        self.record_attempts([(batch_no, attempt, ids)])
+
+    def record_attempts(self, rows: Sequence[AttemptRow]) -> None:
+        """Several requests' rows, (batch, attempt, ids), committed together."""
+        self.store.record_attempts(self.job.name, self.run_id, rows)
         with self._lock:
-            self.summary.requests += 1
+            self.summary.requests += len(rows)
 
     def forget_attempt(self, batch_no: int, attempt: int) -> None:
         """The request never reached the service (it never connected), or was refused with
@@ -416,31 +371,44 @@ class Run:
         self.limits.unreserve(n * self.per_image)
 
     def record_answers(self, batch_no: int, batch: Sequence[Ready],
-                        outcomes: Sequence[RecordOutcome]) -> int:
-        """Commit a sent batch's outcomes and its waiting copies; release its reservation.
+                       outcomes: Sequence[RecordOutcome]) -> int:
+        """Commit a sent batch's outcomes (see record_answered); returns its credits."""
+        return self.record_answered([(batch_no, batch, outcomes)])[0]
+
+    def record_answered(self, sent: Sequence[tuple[int, Sequence[Ready], Sequence[RecordOutcome]]]
+                        ) -> list[int]:
+        """Commit sent batches' outcomes and their waiting copies in one transaction; release
+        their reservations. Returns each batch's credits.
 
         The commit runs outside the hash lock, so that batches answered together share one
         transaction. A content's entry in `waiting` stays until its answer is committed: a copy
         routed meanwhile joins it (and is settled here, after the commit) rather than looking in
         the database too early and paying for the same bytes again."""
+        if not sent:
+            return []
         job = self.job
-        reserved = len(batch) * self.per_image
-        by_id = {o.id: o for o in outcomes}
-        answers = []
+        batches: list[AnsweredBatch] = []
+        answers: list[BatchAnswer] = []
         with self._hash_lock:
-            for r in batch:
-                o = by_id.get(r.item.key) or RecordOutcome(r.item.key, ok=False,
-                                                           reason="no outcome for this record")
-                followers: tuple[Item, ...] = ()
-                if r.content_hash is not None and self.reuse and o.final:
-                    followers = tuple(self.waiting.get(r.content_hash, ()))
-                answers.append(BatchAnswer(r.item, o, r.content_hash, followers))
+            for batch_no, batch, outcomes in sent:
+                by_id = {o.id: o for o in outcomes}
+                mine = []
+                for r in batch:
+                    o = by_id.get(r.item.key) or RecordOutcome(
+                        r.item.key, ok=False, reason="no outcome for this record")
+                    followers: tuple[Item, ...] = ()
+                    if r.content_hash is not None and self.reuse and o.final:
+                        followers = tuple(self.waiting.get(r.content_hash, ()))
+                    mine.append(BatchAnswer(r.item, o, r.content_hash, followers))
+                batches.append((batch_no, mine, ()))
+                answers += mine
         with self._lock:
-            lost = self._lost.pop(batch_no, set())
-        credits = self.store.record_batch(job.name, self.run_id, batch_no, answers,
-                                          request_sig=self.request_sig, prep_sig=self.prep_sig,
-                                          per_image=self.per_image, keep_open=lost)
-        self.limits.settle(reserved, credits)
+            batches = [(n, mine, self._lost.pop(n, set())) for n, mine, _ in batches]
+        credits = self.store.record_batches(job.name, self.run_id, batches,
+                                            request_sig=self.request_sig,
+                                            prep_sig=self.prep_sig, per_image=self.per_image)
+        for (_, batch, _), paid in zip(sent, credits, strict=True):
+            self.limits.settle(len(batch) * self.per_image, paid)
         late_reused, late_failed = self._release_waiting(answers)
         self.store.mark_reused(job.name, late_reused, request_sig=self.request_sig,
                                prep_sig=self.prep_sig, run_id=self.run_id,
@@ -448,7 +416,7 @@ class Run:
         self.store.mark_failed(job.name, late_failed, run_id=self.run_id)
         with self._lock:
             s = self.summary
-            s.credits += credits
+            s.credits += sum(credits)
             for a in answers:
                 if not a.outcome.final:
                     if a.outcome.unavailable:

@@ -21,6 +21,7 @@ from runner.answers import (
     reused_record,
     utcnow,
 )
+from runner.attempts import AttemptRows
 from runner.classify import (
     CHANGED,
     CHANGED_REQUEST,
@@ -36,8 +37,11 @@ from runner.records import Item, text_safe
 from runner.runs import RunCounts, RunRows
 from runner.schema import SCHEMA_VERSION, check_version, create_views, migrate, precheck
 
+# An answered batch: its number, its answers, the attempts rows to leave open (lost answers).
+AnsweredBatch = tuple[int, Sequence[BatchAnswer], Collection[int]]
 
-class Store(RunRows):
+
+class Store(RunRows, AttemptRows):
     """A job's view of one state database; the same file may hold several jobs."""
 
     def __init__(self, path: Path | str, *, create: bool = True,
@@ -314,96 +318,65 @@ class Store(RunRows):
 
         self.db.write(mark)
 
-    def record_attempt(self, job: str, run_id: int, batch: int, attempt: int,
-                       keys: Sequence[str]) -> None:
-        """Before a request leaves: these images are in flight (and may be billed). Returns once
-        the row is committed."""
-        self.db.write_waited("record_attempt", self._attempt_row(job, run_id, batch, attempt, keys))
-
-    def _attempt_row(self, job: str, run_id: int, batch: int, attempt: int,
-                     keys: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
-        row = (run_id, job, batch, attempt, json.dumps(list(keys)), len(keys), utcnow())
-
-        # `sends` is counted here, in the same transaction as the row: items.sends is the number
-        # of attempts rows naming the image, whatever happens to the process afterwards.
-        # One statement for the request's keys (a batch is at most 10): the row is committed
-        # while the request waits for it, so each statement more is a wait more.
-        unique = list(dict.fromkeys(keys))
-        sends_sql = (f"UPDATE items SET sends = sends + 1 WHERE job = ? AND key IN "
-                     f"({','.join('?' * len(unique))})")
-
-        def record(c: sqlite3.Connection) -> None:
-            c.execute("INSERT INTO attempts (run_id, job, batch, attempt, keys, n, sent_at) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
-            if unique:
-                c.execute(sends_sql, (job, *unique))
-            self._counts.add(run_id, requests=1)
-
-        return record
-
-    def forget_attempt(self, run_id: int, batch: int, attempt: int) -> None:
-        """A request that never connected: its attempts row goes, and it is no request of the
-        run. Returns once committed."""
-        def forget(c: sqlite3.Connection) -> None:
-            where = "WHERE run_id = ? AND batch = ? AND attempt = ? AND closed_at IS NULL"
-            args = (run_id, batch, attempt)
-            rows = c.execute(f"SELECT job, keys FROM attempts {where}", args).fetchall()
-            for job, keys in rows:  # the sends its row counted go with it
-                c.executemany("UPDATE items SET sends = sends - 1 WHERE job = ? AND key = ? "
-                              "AND sends > 0", [(job, k) for k in json.loads(keys)])
-            if rows:
-                c.execute(f"DELETE FROM attempts {where}", args)
-                self._counts.add(run_id, requests=-len(rows))
-
-        self.db.write_waited("forget_attempt", forget)
-
     def record_batch(self, job: str, run_id: int, batch: int, answers: Sequence[BatchAnswer], *,
                      request_sig: str, prep_sig: str, per_image: int,
                      keep_open: Collection[int] = ()) -> int:
-        """One transaction per answered batch (or one for several answered together): outcomes,
-        credits, followers; returns the batch's credits. The attempts rows numbered in
-        `keep_open` (requests that may have been billed and lost their answer) stay open."""
+        """One answered batch (see record_batches); returns its credits."""
+        return self.record_batches(job, run_id, [(batch, answers, keep_open)],
+                                   request_sig=request_sig, prep_sig=prep_sig,
+                                   per_image=per_image)[0]
+
+    def record_batches(self, job: str, run_id: int, batches: Sequence[AnsweredBatch], *,
+                       request_sig: str, prep_sig: str, per_image: int) -> list[int]:
+        """Answered batches in one transaction (shared with others answered meanwhile): their
+        outcomes, credits and followers, their attempts rows closed; returns each batch's
+        credits. The attempts rows numbered in a batch's `keep_open` (requests that may have
+        been billed and lost their answer) stay open."""
         now = utcnow()
-        credits = 0
+        credits = []
         done = failed = sent = reused = 0
         rows_done, rows_failed, rows_reason, rows_followers = [], [], [], []
-        for a in answers:
-            o = a.outcome
-            if not o.final:
-                # Pending still: a stop came first, or the service failed (then its last error
-                # is kept as the reason, and the images count as sent if a request left).
-                if o.unavailable and o.attempts > 0:
-                    sent += 1
-                if o.unavailable:
-                    rows_reason.append((o.reason, now, job, a.item.key))
-                continue
-            sent += 1
-            result = (o.text if o.text is not None
-                      else compact_json(o.record) if o.record is not None else None)
-            if o.ok:
-                credits += per_image
-                done += 1
-                rows_done.append((result, per_image, a.content_hash, request_sig, prep_sig,
-                                  now, now, run_id, job, a.item.key))
-                for f in a.followers:
-                    reused += 1
-                    done += 1  # as mark_reused counts a copy answered later: done and reused
-                    # A copy gets its own record: its _id and manifest columns, the analysis.
-                    own = reused_record(o.answer, f, a.item.extra)
-                    rows_done.append((own, 0, a.content_hash, request_sig, prep_sig, now,
-                                      now, run_id, job, f.key))
-                    # Followers carry the key they were answered through.
-                    rows_followers.append((a.item.key, job, f.key))
-            else:
-                failed += 1
-                # The API's text may hold a lone surrogate (a JSON "\ud800"): stored escaped.
-                reason = text_safe(o.reason) if o.reason is not None else None
-                rows_failed.append((reason, result, a.content_hash, now, run_id, job,
-                                    a.item.key))
-                for f in a.followers:
+        for _, answers, _ in batches:
+            paid = 0
+            for a in answers:
+                o = a.outcome
+                if not o.final:
+                    # Pending still: a stop came first, or the service failed (then its last
+                    # error is kept as the reason, and the images count as sent if a request
+                    # left).
+                    if o.unavailable and o.attempts > 0:
+                        sent += 1
+                    if o.unavailable:
+                        rows_reason.append((o.reason, now, job, a.item.key))
+                    continue
+                sent += 1
+                result = (o.text if o.text is not None
+                          else compact_json(o.record) if o.record is not None else None)
+                if o.ok:
+                    paid += per_image
+                    done += 1
+                    rows_done.append((result, per_image, a.content_hash, request_sig, prep_sig,
+                                      now, now, run_id, job, a.item.key))
+                    for f in a.followers:
+                        reused += 1
+                        done += 1  # as mark_reused counts a copy answered later: done and reused
+                        # A copy gets its own record: its _id and manifest columns, the analysis.
+                        own = reused_record(o.answer, f, a.item.extra)
+                        rows_done.append((own, 0, a.content_hash, request_sig, prep_sig, now,
+                                          now, run_id, job, f.key))
+                        # Followers carry the key they were answered through.
+                        rows_followers.append((a.item.key, job, f.key))
+                else:
                     failed += 1
-                    rows_failed.append((f"same bytes as {a.item.key}: {reason}", None,
-                                        a.content_hash, now, run_id, job, f.key))
+                    # The API's text may hold a lone surrogate (a JSON "\ud800"): stored escaped.
+                    reason = text_safe(o.reason) if o.reason is not None else None
+                    rows_failed.append((reason, result, a.content_hash, now, run_id, job,
+                                        a.item.key))
+                    for f in a.followers:
+                        failed += 1
+                        rows_failed.append((f"same bytes as {a.item.key}: {reason}", None,
+                                            a.content_hash, now, run_id, job, f.key))
+            credits.append(paid)
 
         def record(c: sqlite3.Connection) -> None:
             c.executemany(
@@ -422,12 +395,13 @@ class Store(RunRows):
             if rows_reason:
                 c.executemany("UPDATE items SET reason = ?, updated_at = ? WHERE job = ? AND key = ?",
                               rows_reason)
-            lost = sorted(keep_open)
-            c.execute("UPDATE attempts SET closed_at = ? WHERE run_id = ? AND batch = ? "
-                      f"AND closed_at IS NULL AND attempt NOT IN ({','.join('?' * len(lost))})",
-                      (now, run_id, batch, *lost))
+            for batch, _, keep_open in batches:
+                lost = sorted(keep_open)
+                c.execute("UPDATE attempts SET closed_at = ? WHERE run_id = ? AND batch = ? "
+                          f"AND closed_at IS NULL AND attempt NOT IN ({','.join('?' * len(lost))})",
+                          (now, run_id, batch, *lost))
             self._counts.add(run_id, sent=sent, done=done, failed=failed, reused=reused,
-                            credits=credits, credits_saved=reused * per_image)
+                            credits=sum(credits), credits_saved=reused * per_image)
 
         self.db.write_waited("record_batch", record)
         return credits

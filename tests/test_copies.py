@@ -1,6 +1,6 @@
 """Copies of an image routed while its answer is being committed: settled by that answer, never
 sent and never paid again. The coordinator's routing runs beside the commit, so the test stands in
-for it at the one instant that matters: during `record_batch`."""
+for it at the one instant that matters: during `record_batches`."""
 
 from __future__ import annotations
 
@@ -36,14 +36,14 @@ def run(tmp_path):
 def answer_with_a_late_copy(run: Run, ok: bool) -> None:
     """`lead` is sent with `early` already waiting on it; `late` joins during the commit."""
     run.waiting["h"] = [item("early")]
-    commit = run.store.record_batch
+    commit = run.store.record_batches
 
-    def record_batch(*args, **kwargs):
+    def record_batches(*args, **kwargs):
         with run._hash_lock:  # what route does when the copy's preparation finishes now
             run.waiting["h"].append(item("late"))
         return commit(*args, **kwargs)
 
-    run.store.record_batch = record_batch  # type: ignore[method-assign]
+    run.store.record_batches = record_batches  # type: ignore[method-assign]
     lead = Ready(item("lead"), RequestRecord("lead", data=b"x"), "h")
     record = {"_id": "lead", "_status": {"code": 200 if ok else 400}}
     outcome = RecordOutcome("lead", ok=ok, record=record, reason=None if ok else "api 400",

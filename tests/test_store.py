@@ -205,7 +205,7 @@ def test_a_group_commits_in_one_transaction_and_again_write_by_write_when_one_fa
                 before = s.stats.transactions
                 with s.db.lock:  # the writer thread waits, so the writes queue up as one group
                     waits = [s.db.write_soon(bad if k == "bad" else
-                                             s._attempt_row("j", run, k, 1, [f"k{k}"]))
+                                             s._attempt_rows("j", run, [(k, 1, [f"k{k}"])]))
                              for k in group]
                 for k, wait in zip(group, waits, strict=True):
                     if k == "bad":
@@ -293,9 +293,9 @@ def test_a_write_after_which_sqlite_ended_the_transaction_fails_every_write_of_i
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         with s.grouped():
             with s.db.lock:  # the writer thread waits, so the writes queue up as one group
-                waits = [s.db.write_soon(s._attempt_row("j", run, 0, 1, ["a"])),
+                waits = [s.db.write_soon(s._attempt_rows("j", run, [(0, 1, ["a"])])),
                          s.db.write_soon(ended_by_sqlite),
-                         s.db.write_soon(s._attempt_row("j", run, 1, 1, ["b"]))]
+                         s.db.write_soon(s._attempt_rows("j", run, [(1, 1, ["b"])]))]
             for wait in waits:
                 with pytest.raises(DatabaseError, match="the disk holding it is full"):
                     wait()

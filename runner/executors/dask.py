@@ -121,15 +121,31 @@ def _worker_client(w: WorkerJob) -> ApiClient:
         return client
 
 
-def prepare_chunk(w: WorkerJob, items: Sequence[Item]) -> Prepared:
-    """Read and prepare a chunk of images; the result stays on this worker for send_batch."""
-    return {it.key: r for it, r in zip(items, prepare_items(w.job, items), strict=True)}
+# What crosses between the coordinator and the workers goes as one pickle (`_packed`): Dask
+# walks a task's arguments for futures and a result's parts for their sizes and serializers, item
+# by item, on the coordinator's event loop; a bytes object it takes whole.
 
 
-def describe_chunk(prepared: Prepared) -> list[Ready | Refused]:
-    """What the coordinator routes by: keys, content hashes, refusals; no image bytes."""
-    return [replace(r, record=replace(r.record, data=None)) if isinstance(r, Ready) else r
-            for r in prepared.values()]
+def _packed(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpacked(data: bytes) -> Any:
+    return pickle.loads(data)  # noqa: S301 -- between this run's own processes, as Dask's are
+
+
+def prepare_chunk(w: WorkerJob, items: bytes) -> Prepared:
+    """Read and prepare a chunk of images (`_packed` Items); the result stays on this worker for
+    send_batches."""
+    listed: list[Item] = _unpacked(items)
+    return {it.key: r for it, r in zip(listed, prepare_items(w.job, listed), strict=True)}
+
+
+def describe_chunk(prepared: Prepared) -> bytes:
+    """What the coordinator routes by (`_packed`): keys, content hashes, refusals; no image
+    bytes."""
+    return _packed([replace(r, record=replace(r.record, data=None)) if isinstance(r, Ready)
+                    else r for r in prepared.values()])
 
 
 def pick(prepared: Prepared, keys: Sequence[str]) -> Prepared:
@@ -166,20 +182,37 @@ def _send_one(w: WorkerJob, batch: list[Ready]) -> Sent | Exception:
     return Sent(outcomes, requests, tuple(lost))
 
 
-def send_batches(w: WorkerJob, batches: Sequence[Sequence[str]], *parts: Prepared
-                 ) -> list[Sent | Exception]:
-    """Send several batches at once from the prepared images they name: one task, one result
-    for the coordinator to fetch, instead of one per batch. Each batch has its own requests and
-    retries; the worker's client caps how many are in flight."""
+def send_batches(w: WorkerJob, batches: bytes, *parts: Prepared) -> bytes:
+    """Send several batches at once from the prepared images they name (`_packed` lists of
+    keys): one task, one result for the coordinator to fetch, instead of one per batch. Each
+    batch has its own requests and retries; the worker's client caps how many are in flight.
+    Returns each batch's `Sent` or error, `_packed`."""
     found: Prepared = {}
     for part in parts:
         found.update(part)
     # The coordinator sends only Ready images.
-    readies = [[cast(Ready, found[k]) for k in keys] for keys in batches]
+    readies = [[cast(Ready, found[k]) for k in keys] for keys in _unpacked(batches)]
     if len(readies) == 1:
-        return [_send_one(w, readies[0])]
+        return _packed_results([_send_one(w, readies[0])])
     with ThreadPoolExecutor(len(readies), thread_name_prefix="ximrun-send") as pool:
-        return list(pool.map(lambda batch: _send_one(w, batch), readies))
+        return _packed_results(list(pool.map(lambda batch: _send_one(w, batch), readies)))
+
+
+def _packed_results(results: list[Sent | Exception]) -> bytes:
+    """An error that cannot be pickled crosses as its type and message (a task's result must)."""
+    try:
+        return _packed(results)
+    except Exception:  # noqa: BLE001 -- some third-party error type; its words are what matter
+        return _packed([r if isinstance(r, Sent) or _picklable(r)
+                        else RuntimeError(f"{type(r).__name__}: {r}") for r in results])
+
+
+def _picklable(value: object) -> bool:
+    try:
+        pickle.loads(_packed(value))  # noqa: S301 -- made here, a line above
+    except Exception:  # noqa: BLE001 -- whatever pickling raises
+        return False
+    return True
 
 
 # --- the cluster -------------------------------------------------------------------------------
@@ -301,7 +334,7 @@ class _Coordinator:
                 if not items:
                     break
                 taken += len(items)
-                prepared = dask.submit(prepare_chunk, w, items, pure=False)
+                prepared = dask.submit(prepare_chunk, w, _packed(items), pure=False)
                 described = dask.submit(describe_chunk, prepared, pure=False,
                                         priority=PRIORITY_DESCRIBE)
                 finished.add(described)
@@ -354,16 +387,26 @@ class _Coordinator:
             if not finished.has_ready():
                 finished.thread_condition.wait(timeout=0.5)
         bs = self.run.job.api.batch_size
-        for f, described in finished.next_batch(block=False):
-            if f.status == "error":
-                described = f.exception()  # AuthError, KilledWorker, ...
+        for f, result in finished.next_batch(block=False):
+            # AuthError, KilledWorker, ...
+            described = f.exception() if f.status == "error" else _unpacked(result)
             if f in sending:
                 task = sending.pop(f)
+                answered = []
                 for i, (batch_no, readies) in enumerate(task.batches):
                     sent = described if isinstance(described, BaseException) else described[i]
-                    again = self._take_answers(sent, batch_no, readies)
-                    if again:  # a lost answer's resend, to be afforded again like a new batch
-                        batches.appendleft(_DaskBatch(again, task.parts))
+                    outcomes = self._take_requests(sent, batch_no, readies)
+                    if outcomes is not None:
+                        answered.append((batch_no, readies, outcomes))
+                # The task's batches in one transaction; a lost answer's resend is afforded
+                # again like a new batch.
+                self.run.record_answered(answered)
+                for _, readies, outcomes in answered:
+                    resend = {o.id for o in outcomes
+                              if not o.final and o.reason == f"not sent: {RESEND}"}
+                    if resend:
+                        batches.appendleft(_DaskBatch(
+                            [r for r in readies if r.item.key in resend], task.parts))
             elif f in describing:
                 prepared, items = describing.pop(f)
                 if isinstance(described, BaseException):  # its workers died over and over
@@ -397,21 +440,20 @@ class _Coordinator:
                   sending: dict[distributed.Future, _SendTask],
                   finished: distributed.as_completed) -> None:
         """One task for the group; every batch of it is recorded in flight before it exists
-        (the worker cannot write here)."""
-        task = _SendTask([], parts)
-        for readies in group:
-            batch_no = self.run.next_batch()
-            self.run.record_attempt(batch_no, 1, [r.item.key for r in readies])
-            task.batches.append((batch_no, readies))
+        (the worker cannot write here), all in one transaction."""
+        task = _SendTask([(self.run.next_batch(), readies) for readies in group], parts)
+        self.run.record_attempts([(batch_no, 1, [r.item.key for r in readies])
+                                  for batch_no, readies in task.batches])
         f = self.dask.submit(send_batches, self.worker_job,
-                             [[r.item.key for r in readies] for readies in group], *parts,
-                             pure=False, priority=PRIORITY_SEND)
+                             _packed([[r.item.key for r in readies] for readies in group]),
+                             *parts, pure=False, priority=PRIORITY_SEND)
         finished.add(f)
         sending[f] = task
 
-    def _take_answers(self, sent: Sent | BaseException, batch_no: int,
-                      readies: list[Ready]) -> list[Ready]:
-        """Record a batch that came back; returns its images to send again (a lost answer)."""
+    def _take_requests(self, sent: Sent | BaseException, batch_no: int,
+                       readies: list[Ready]) -> list[RecordOutcome] | None:
+        """A batch that came back: its requests recorded; returns its outcomes to record, or
+        None when the token was refused (nothing to record)."""
         if isinstance(sent, AuthError):
             self.run.unreserve(len(readies))
             if sent.first_unbilled:
@@ -419,7 +461,7 @@ class _Coordinator:
                 # because the worker's client had already been refused: not billed.
                 self.run.forget_attempt(batch_no, 1)
             self.run.refuse_token(sent)
-            return []
+            return None
         if isinstance(sent, BaseException):  # its workers died over and over (KilledWorker)
             log.error("batch %d: no answer from the cluster: %s", batch_no, sent)
             why = f"worker lost while sending (may have been billed): {sent}"
@@ -435,14 +477,12 @@ class _Coordinator:
         if not sent.requests or not sent.requests[0][1]:
             self.run.forget_attempt(batch_no, 1)
         numbers = [1] if sent.requests and sent.requests[0][1] else [0]
-        attempt = 1
+        retries = []
         for ids, connected in sent.requests[1:]:
             if connected:
-                attempt += 1
-                self.run.record_attempt(batch_no, attempt, ids)
-            numbers.append(attempt if connected else 0)
+                retries.append((batch_no, len(retries) + 2, ids))
+            numbers.append(len(retries) + 1 if connected else 0)
+        self.run.record_attempts(retries)
         for i in sent.lost:
             self.run.lost_answer(batch_no, numbers[i], sent.requests[i][0])
-        self.run.record_answers(batch_no, readies, sent.outcomes)
-        resend = {o.id for o in sent.outcomes if not o.final and o.reason == f"not sent: {RESEND}"}
-        return [r for r in readies if r.item.key in resend]
+        return sent.outcomes
