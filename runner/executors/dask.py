@@ -43,8 +43,10 @@ log = logging.getLogger("ximrun.dask")
 # One preparation task takes this many batches' worth of images, and one send task up to this
 # many batches (no more than a worker's share of the requests in flight): every task costs the
 # coordinator a submission, state messages and, for those it reads, a fetch of the result.
-CHUNK_BATCHES = 8
+CHUNK_BATCHES = 16
 SEND_BATCHES = 8
+# Images taken up and not yet sent, per thread of the cluster: bytes waiting on the workers.
+WINDOW_BATCHES = 16
 CONNECT_TIMEOUT_S = 15
 WORKERS_TIMEOUT_S = 60
 # Tasks that finish work already taken up run before new preparation.
@@ -297,7 +299,7 @@ class _Coordinator:
         bs = self.run.job.api.batch_size
         nthreads = dask.nthreads()
         chunk_size = bs * CHUNK_BATCHES
-        window = 2 * sum(nthreads.values()) * chunk_size  # images taken up, not yet sent
+        window = sum(nthreads.values()) * bs * WINDOW_BATCHES  # images taken up, not yet sent
         concurrency, workers = self.run.job.api.concurrency, len(nthreads)
         # A send task takes up to a worker's share of the requests in flight; a task waiting
         # per worker keeps them busy.
