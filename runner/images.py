@@ -5,27 +5,37 @@ Takes one image's bytes and returns what to upload (a PreparedImage) or why not 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
+import threading
 from typing import Any
 
-from PIL import Image, ImageOps
+# Pillow's plugins for the formats sniffed here (`_DECODERS`) are loaded with this module, so that
+# worker threads never race to register one lazily; the dozens of others (PDF, EPS, ICNS, ...) are
+# never loaded: a preparation worker would otherwise import them all before its first image.
+# HEIF (pillow-heif) is loaded with the first file that needs it (`_decoders`).
+from PIL import (
+    BmpImagePlugin,  # noqa: F401
+    GifImagePlugin,  # noqa: F401
+    Image,
+    ImageOps,
+    Jpeg2KImagePlugin,  # noqa: F401
+    JpegImagePlugin,  # noqa: F401
+    PngImagePlugin,  # noqa: F401
+    PsdImagePlugin,  # noqa: F401
+    TiffImagePlugin,  # noqa: F401
+    WebPImagePlugin,  # noqa: F401
+)
 
 from runner.job import TRANSCODABLE, ImagePolicy
 from runner.records import PreparedImage, Verdict
 
-try:
-    import pillow_heif
-except ImportError:  # then HEIC/HEIF have no decoder, and prepare_image says so per image
-    pillow_heif = None
-else:
-    pillow_heif.register_heif_opener()
+with contextlib.suppress(ImportError):
+    from PIL import AvifImagePlugin  # noqa: F401 -- Pillow decodes AVIF itself from 11.3
 
-# Load every Pillow plugin now, so that worker threads never race to register them lazily.
-Image.init()
-# Pillow decodes AVIF itself from 11.3; before that, pillow-heif < 1.0 could.
-if "AVIF" not in Image.OPEN and hasattr(pillow_heif, "register_avif_opener"):
-    pillow_heif.register_avif_opener()
+_heif_lock = threading.Lock()
+_heif_ready = False
 
 SNIFF_BYTES = 4096  # how much of a file sniff_format needs to see
 
@@ -59,6 +69,34 @@ _DECODERS = {
     "jp2": ("JPEG2000",),
     "psd": ("PSD",),
 }
+
+
+def _decoders(fmt: str | None) -> list[str]:
+    """Pillow's decoders for a sniffed format that this installation has."""
+    if fmt in ("heic", "heif", "avif"):
+        _load_heif()
+    return [d for d in _DECODERS.get(fmt or "", ()) if d in Image.OPEN]
+
+
+def _load_heif() -> None:
+    """pillow-heif's openers, registered once, with the first file that may need them (without
+    the package, HEIC has no decoder: prepare_image says so per image)."""
+    global _heif_ready
+    if _heif_ready:
+        return
+    with _heif_lock:
+        if _heif_ready:
+            return
+        try:
+            import pillow_heif
+        except ImportError:
+            pillow_heif = None
+        else:
+            pillow_heif.register_heif_opener()
+        # Pillow decodes AVIF itself from 11.3; before that, pillow-heif < 1.0 could.
+        if "AVIF" not in Image.OPEN and hasattr(pillow_heif, "register_avif_opener"):
+            pillow_heif.register_avif_opener()
+        _heif_ready = True
 
 
 # --- sniffing ----------------------------------------------------------------------------------
@@ -183,7 +221,7 @@ def prepare_image(data: bytes, policy: ImagePolicy) -> PreparedImage | Verdict:
     if verdict.action == "reject":
         return verdict
     assert fmt is not None
-    decoders = [d for d in _DECODERS[fmt] if d in Image.OPEN]
+    decoders = _decoders(fmt)
     if not decoders:
         return Verdict("reject", fmt, f"no_decoder:{fmt}")
 
@@ -369,7 +407,7 @@ def thumbnail(data: bytes, side: int, max_pixels: int,
     if not data:
         raise ThumbnailError("cannot be shown: empty")
     fmt = sniff_format(data[:SNIFF_BYTES])
-    decoders = [d for d in _DECODERS.get(fmt or "", ()) if d in Image.OPEN]
+    decoders = _decoders(fmt)
     if not decoders:
         raise ThumbnailError(f"cannot be shown: {'no decoder for ' + fmt if fmt else 'not an image'}")
     for decoder in decoders:

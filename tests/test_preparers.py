@@ -157,9 +157,12 @@ def test_sigterm_to_the_whole_service_stops_the_run_cleanly_with_its_workers(tmp
 
 def test_a_worker_imports_little_before_its_first_image():
     # A worker's start (an interpreter importing what prepare_compact needs) is what the run
-    # waits for before its preparation leaves the run's threads: no fsspec, no HTTP client.
-    code = ("import sys, runner.prepare; "
-            "print(sorted(m for m in ('fsspec', 'urllib3', 'click', 'sqlite3') if m in sys.modules))")
+    # waits for before its preparation leaves the run's threads: no fsspec, no HTTP client, no
+    # Pillow plugin for a format that is never decoded, no HEIF library before a HEIF file.
+    unwanted = ("fsspec", "urllib3", "click", "sqlite3", "PIL.PdfImagePlugin",
+                "PIL.EpsImagePlugin", "PIL.IcnsImagePlugin", "pillow_heif")
+    code = ("import sys, runner.prepare, runner.images; "
+            f"print(sorted(m for m in {unwanted!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=child_env(), check=True).stdout.strip()
     assert out == "[]"

@@ -484,7 +484,8 @@ class _Coordinator:
             if connected:
                 retries.append((batch_no, len(retries) + 2, ids))
             numbers.append(len(retries) + 1 if connected else 0)
-        self.run.record_attempts(retries)
+        if retries:
+            self.run.record_attempts(retries)
         for i in sent.lost:
             self.run.lost_answer(batch_no, numbers[i], sent.requests[i][0])
         return sent.outcomes
