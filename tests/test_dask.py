@@ -242,3 +242,29 @@ def test_max_duration_on_the_cluster(tmp_path, cluster):
         assert s["elapsed_s"] <= 3 + 0.5 + 1.0, s["elapsed_s"]
         done = {k for k, r in rows(job).items() if r["state"] == "done"}
         assert 0 < len(done) < 60 and {e.record_id for e in sb.ledger()} == done
+
+
+class _NoPickle(Exception):
+    """An error a third-party library might raise: it does not survive pickling."""
+
+    def __init__(self, what: str, code: int) -> None:
+        super().__init__(what)
+        self.code = code
+
+    def __reduce__(self):
+        raise TypeError("cannot pickle this error")
+
+
+def test_a_send_task_result_crosses_as_one_pickle_even_with_an_unpicklable_error():
+    # What a send task returns is pickled by the worker itself (Dask would walk every outcome
+    # of it on the coordinator's event loop); an error that cannot be pickled crosses as its
+    # type and words, so that the batch's images are still settled.
+    from runner.executors.dask import Sent, _packed_results, _unpacked
+    from runner.records import RecordOutcome
+
+    sent = Sent([RecordOutcome("a", ok=True, text='{"_id": "a"}')], [(["a"], True)])
+    back = _unpacked(_packed_results([sent, _NoPickle("the library broke", 7),
+                                      ValueError("kept as it is")]))
+    assert back[0] == sent
+    assert isinstance(back[1], RuntimeError) and str(back[1]) == "_NoPickle: the library broke"
+    assert isinstance(back[2], ValueError) and str(back[2]) == "kept as it is"

@@ -300,3 +300,32 @@ def test_a_write_after_which_sqlite_ended_the_transaction_fails_every_write_of_i
                 with pytest.raises(DatabaseError, match="the disk holding it is full"):
                     wait()
         assert report.unanswered(s, "j") == []  # nothing of the group was written
+
+
+def test_several_requests_and_several_answered_batches_each_commit_in_one_transaction(tmp_path):
+    # The Dask coordinator records a send task's batches together: their first requests before
+    # the task leaves, their answers when it comes back.
+    with Store(tmp_path / "s.db") as s:
+        run = s.begin_run("j", pid=1, endpoint="e", budget=0)
+        kinds(s, [item(k) for k in "abcde"], run)
+        before = s.stats.transactions
+        s.record_attempts("j", run, [(1, 1, ["a", "b"]), (2, 1, ["c", "d"]), (2, 2, ["d"]),
+                                     (3, 1, ["e"])])
+        assert s.stats.transactions - before == 1
+        sends = dict(s.db.conn.execute("SELECT key, sends FROM items WHERE job = 'j'").fetchall())
+        assert sends == {"a": 1, "b": 1, "c": 1, "d": 2, "e": 1}
+        before = s.stats.transactions
+        credits = s.record_batches(
+            "j", run, [(1, [answer("a"), answer("b", ok=False)], ()),
+                       (2, [answer("c"), answer("d")], {1}),  # its first answer was lost
+                       (3, [answer("e", ok=False, final=False)], ())],
+            request_sig="req", prep_sig="p", per_image=5)
+        assert s.stats.transactions - before == 1
+        assert credits == [5, 10, 0]
+        states = dict(s.db.conn.execute("SELECT key, state FROM items WHERE job = 'j'").fetchall())
+        assert states == {"a": "done", "b": "failed", "c": "done", "d": "done", "e": "pending"}
+        still_open = s.db.conn.execute(
+            "SELECT batch, attempt FROM attempts WHERE closed_at IS NULL ORDER BY batch").fetchall()
+        assert [tuple(r) for r in still_open] == [(2, 1)]  # the lost answer's request stays open
+        row = s.run_row(run)
+        assert (row["requests"], row["done"], row["failed"], row["credits"]) == (4, 3, 1, 15)
