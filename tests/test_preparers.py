@@ -232,3 +232,20 @@ def test_workers_prepare_every_sample_file_as_threads_do(tmp_path):
     assert len(short_rows) == len(samples)
     assert long_rows == short_rows
     assert {r["state"] for r in short_rows.values()} >= {"done", "rejected"}
+
+
+@pytest.mark.parametrize(("concurrency", "batches"), [(8, 4), (16, 4), (32, 8), (200, 8)])
+def test_a_process_task_grows_only_while_two_per_worker_fit_the_window(tmp_path, monkeypatch,
+                                                                       concurrency, batches):
+    # A bigger task costs less per image in pipes and pickles, but a worker whose window holds
+    # no second task waits for the run between tasks: 12-megapixel photos would then be prepared
+    # on one core of two. The window is the local executor's (concurrency batches' worth).
+    from runner.executors.preparers import Preparers
+    from runner.job import load_job
+
+    monkeypatch.setenv("XIMILAR_TOKEN", "t")
+    job = load_job(write_job(tmp_path, "http://127.0.0.1:9/", tmp_path,
+                             api={"batch_size": 10, "concurrency": concurrency}))
+    with Preparers(job, 2, processes=True, workers=2, window=10 * concurrency) as preparers:
+        assert preparers._process_batches == batches
+        assert preparers.batches_per_task == 1  # threads until the workers are up

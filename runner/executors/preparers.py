@@ -38,7 +38,9 @@ log = logging.getLogger("ximrun.prepare")
 # interpreter importing Pillow, about a third of a second of CPU each) pays off within a few
 # hundred images.
 PROCESSES_AFTER = 300
-PROCESS_TASK_BATCHES = 4
+# A process's task: this many batches' worth, more (up to the most) when the run's window holds
+# two such tasks per worker, so that each has one queued behind the one it prepares.
+PROCESS_TASK_BATCHES, PROCESS_TASK_BATCHES_MOST = 4, 8
 LOST = "the process preparing it died"
 
 
@@ -56,8 +58,13 @@ class Task:
 class Preparers:
     """Threads first, worker processes once the run is long enough (`processes=True`)."""
 
-    def __init__(self, job: Job, threads: int, *, processes: bool, workers: int) -> None:
+    def __init__(self, job: Job, threads: int, *, processes: bool, workers: int,
+                 window: int = 0) -> None:
+        """`window`: the images the run lets be in preparation or waiting for a batch."""
         self.job = job
+        bs = max(1, job.api.batch_size)
+        self._process_batches = min(PROCESS_TASK_BATCHES_MOST,
+                                    max(PROCESS_TASK_BATCHES, window // (2 * max(1, workers) * bs)))
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="prep")
         self._use_processes = processes and workers > 0
         self._workers = workers
@@ -69,9 +76,11 @@ class Preparers:
 
     @property
     def batches_per_task(self) -> int:
-        """A task's size, in batches: a process's task costs this process a hand-over through
-        pipes and two pickles, so it takes several batches' worth once the workers are up."""
-        return PROCESS_TASK_BATCHES if self._pool is not None and self._generation in self._warm else 1
+        """A task's size, in batches: a process's task costs this process (and the worker) a
+        hand-over through pipes and two pickles, so it takes several batches' worth once the
+        workers are up."""
+        warm = self._pool is not None and self._generation in self._warm
+        return self._process_batches if warm else 1
 
     def submit(self, task: Task) -> Future[list[Ready | Refused]]:
         if not task.tries:

@@ -64,7 +64,8 @@ def drive(run: Run) -> tuple[str | None, bool]:
 
     # Worker processes for local files only: remote objects are waited for, not computed, and
     # a fetch's bytes would cross between processes once more.
-    preparers = Preparers(job, prep_workers, processes=not remote, workers=cores)
+    preparers = Preparers(job, prep_workers, processes=not remote, workers=cores,
+                          window=prep_window)
     with preparers, ThreadPoolExecutor(senders, thread_name_prefix="send") as send_pool:
         while True:
             stopped_by = run.stop_reason(stopped_by)
