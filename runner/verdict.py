@@ -1,5 +1,6 @@
-"""How a run ends: its status, exit code and message (docs/contract.md, "Exit codes"), its
-figures against the account's, and its row finished. The run's last step (`Run.execute`)."""
+"""How a run ends: its status, exit code and message (docs/contract.md, "Exit codes of
+`run`"), its figures against the account's, and its row finished. The run's last step
+(`Run.execute`)."""
 
 from __future__ import annotations
 
