@@ -22,16 +22,10 @@ class AttemptRows:
     db: Database
     _counts: RunCounts
 
-    def record_attempt(self, job: str, run_id: int, batch: int, attempt: int,
-                       keys: Sequence[str]) -> None:
-        """Before a request leaves: these images are in flight (and may be billed). Returns once
-        the row is committed."""
-        self.db.write_waited("record_attempt", self._attempt_rows(job, run_id,
-                                                                  [(batch, attempt, keys)]))
-
     def record_attempts(self, job: str, run_id: int, rows: Sequence[AttemptRow]) -> None:
-        """Several requests' rows in one transaction (requests about to leave together, or
-        recorded after they left, as a Dask worker's retries are). Returns once committed."""
+        """Before requests leave: their images are in flight (and may be billed). One
+        transaction for them all (requests leaving together, or, for a Dask worker's retries,
+        recorded when its task returns). Returns once committed."""
         if rows:
             self.db.write_waited("record_attempt", self._attempt_rows(job, run_id, rows))
 

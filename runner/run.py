@@ -387,10 +387,9 @@ class Run:
         if not sent:
             return []
         job = self.job
-        batches: list[AnsweredBatch] = []
-        answers: list[BatchAnswer] = []
+        per_batch: list[list[BatchAnswer]] = []
         with self._hash_lock:
-            for batch_no, batch, outcomes in sent:
+            for _, batch, outcomes in sent:
                 by_id = {o.id: o for o in outcomes}
                 mine = []
                 for r in batch:
@@ -400,10 +399,11 @@ class Run:
                     if r.content_hash is not None and self.reuse and o.final:
                         followers = tuple(self.waiting.get(r.content_hash, ()))
                     mine.append(BatchAnswer(r.item, o, r.content_hash, followers))
-                batches.append((batch_no, mine, ()))
-                answers += mine
+                per_batch.append(mine)
+        answers = [a for mine in per_batch for a in mine]
         with self._lock:
-            batches = [(n, mine, self._lost.pop(n, set())) for n, mine, _ in batches]
+            batches: list[AnsweredBatch] = [(n, mine, self._lost.pop(n, set()))
+                                            for (n, _, _), mine in zip(sent, per_batch, strict=True)]
         credits = self.store.record_batches(job.name, self.run_id, batches,
                                             request_sig=self.request_sig,
                                             prep_sig=self.prep_sig, per_image=self.per_image)

@@ -318,14 +318,6 @@ class Store(RunRows, AttemptRows):
 
         self.db.write(mark)
 
-    def record_batch(self, job: str, run_id: int, batch: int, answers: Sequence[BatchAnswer], *,
-                     request_sig: str, prep_sig: str, per_image: int,
-                     keep_open: Collection[int] = ()) -> int:
-        """One answered batch (see record_batches); returns its credits."""
-        return self.record_batches(job, run_id, [(batch, answers, keep_open)],
-                                   request_sig=request_sig, prep_sig=prep_sig,
-                                   per_image=per_image)[0]
-
     def record_batches(self, job: str, run_id: int, batches: Sequence[AnsweredBatch], *,
                        request_sig: str, prep_sig: str, per_image: int) -> list[int]:
         """Answered batches in one transaction (shared with others answered meanwhile): their

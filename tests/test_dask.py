@@ -3,6 +3,7 @@ the same answers as the local executor, a lost worker or coordinator loses nothi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from driver import (
     make_images,
     run_json,
     sends,
+    settle,
     start,
     wait_for,
     write_job,
@@ -139,7 +141,14 @@ def test_coordinator_killed_mid_run_then_rerun_completes(tmp_path):
             child.proc.send_signal(signal.SIGKILL)
             child.proc.wait()
         assert child.proc.returncode == -signal.SIGKILL
+        # Accountable: a send task's batches were recorded in flight (in one transaction) before
+        # the task existed, so whatever the API received is answered or named as in flight.
+        received = {e.record_id for e in settle(sb)}
         done_before = {k for k, r in rows(job).items() if r["state"] == "done"}
+        with sqlite3.connect(db) as conn:
+            in_flight = {k for (keys,) in conn.execute(
+                "SELECT keys FROM attempts WHERE closed_at IS NULL") for k in json.loads(keys)}
+        assert received and received <= done_before | in_flight
         n_before = len(sb.ledger())
         again = ximrun(tmp_path, "run", "-q", str(job), tag="again", timeout=120)
         resent = {e.record_id for e in sb.ledger()[n_before:]}

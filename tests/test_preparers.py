@@ -166,6 +166,13 @@ def test_a_worker_imports_little_before_its_first_image():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=child_env(), check=True).stdout.strip()
     assert out == "[]"
+    # ... yet every format images.py sniffs has its decoder: the plugins it imports by name are
+    # the ones its `_DECODERS` table names (HEIF from pillow-heif, with its first file).
+    code = ("from PIL import Image; from runner import images; "
+            "print(sorted({d for ds in images._DECODERS.values() for d in ds} - set(Image.OPEN)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=child_env(), check=True).stdout.strip()
+    assert out == "['HEIF']"
 
 
 def _run_in_daemon(job_path: str, out: Any) -> None:

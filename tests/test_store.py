@@ -41,6 +41,16 @@ def answer(key, ok=True, h=None, followers=(), final=True, attempts=1):
     return BatchAnswer(item(key), RecordOutcome(key, ok=ok, record=rec, reason=None if ok else "api 400",
                                            final=final, attempts=attempts), h, tuple(followers))
 
+def record_attempt(s, job, run, batch, attempt, keys):
+    """One request's row, as the local executor writes it."""
+    s.record_attempts(job, run, [(batch, attempt, keys)])
+
+
+def record_batch(s, job, run, batch, answers, keep_open=(), **kw):
+    """One answered batch; its credits."""
+    return s.record_batches(job, run, [(batch, answers, keep_open)], **kw)[0]
+
+
 
 def test_schema_is_browsable_and_in_wal_mode(tmp_path):
     with Store(tmp_path / "s.db") as s:
@@ -53,10 +63,10 @@ def test_only_a_recorded_answer_makes_an_image_done(tmp_path):
     with Store(tmp_path / "s.db") as s:
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         assert kinds(s, [item("a"), item("b")], run) == {"a": NEW, "b": NEW}
-        s.record_attempt("j", run, 1, 1, ["a", "b"])
+        record_attempt(s, "j", run, 1, 1, ["a", "b"])
         # listed and sent, but no answer recorded: still to do on the next run
         assert kinds(s, [item("a"), item("b")]) == {"a": RESUMED, "b": RESUMED}
-        credits = s.record_batch("j", run, 1, [answer("a"), answer("b", ok=False)],
+        credits = record_batch(s, "j", run, 1, [answer("a"), answer("b", ok=False)],
                                  request_sig="req", prep_sig="prep", per_image=10)
         assert credits == 10
         assert kinds(s, [item("a"), item("b")]) == {"a": UNCHANGED, "b": KEPT_FAILED}
@@ -68,7 +78,7 @@ def test_changed_fingerprint_or_request_sends_again(tmp_path):
     with Store(tmp_path / "s.db") as s:
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a")], run)
-        s.record_batch("j", run, 1, [answer("a")], request_sig="req", prep_sig="p", per_image=1)
+        record_batch(s, "j", run, 1, [answer("a")], request_sig="req", prep_sig="p", per_image=1)
         assert kinds(s, [item("a", fp="11:2")]) == {"a": CHANGED}
         assert kinds(s, [item("a")], sig="other") == {"a": CHANGED_REQUEST}
 
@@ -77,7 +87,7 @@ def test_retry_puts_failed_back_to_pending(tmp_path):
     with Store(tmp_path / "s.db") as s:
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a"), item("b")], run)
-        s.record_batch("j", run, 1, [answer("a", ok=False), answer("b", ok=False)],
+        record_batch(s, "j", run, 1, [answer("a", ok=False), answer("b", ok=False)],
                        request_sig="req", prep_sig="p", per_image=1)
         assert s.retry_failed("j") == 2
         assert kinds(s, [item("a")]) == {"a": RETRY}
@@ -87,7 +97,7 @@ def test_unanswered_attempts_of_a_dead_run_are_named(tmp_path):
     with Store(tmp_path / "s.db") as s:
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a"), item("b")], run)
-        s.record_attempt("j", run, 7, 1, ["a", "b"])
+        record_attempt(s, "j", run, 7, 1, ["a", "b"])
         # the process dies here; a later run starts
         run2 = s.begin_run("j", pid=2, endpoint="e", budget=0)
         assert s.run_row(run)["status"] == "crashed"
@@ -99,7 +109,7 @@ def test_followers_share_the_answer_for_free(tmp_path):
     with Store(tmp_path / "s.db") as s:
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a"), item("copy")], run)
-        s.record_batch("j", run, 1, [answer("a", h="h1", followers=[item("copy")])],
+        record_batch(s, "j", run, 1, [answer("a", h="h1", followers=[item("copy")])],
                        request_sig="req", prep_sig="p", per_image=10)
         rows = {r["key"]: r for r in report.stored_rows(s.path, "j")}
         assert rows["copy"]["state"] == "done" and rows["copy"]["credits"] == 0
@@ -113,7 +123,7 @@ def test_not_final_outcome_leaves_the_image_pending(tmp_path):
     with Store(tmp_path / "s.db") as s:
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a")], run)
-        s.record_batch("j", run, 1, [answer("a", ok=False, final=False)], request_sig="req",
+        record_batch(s, "j", run, 1, [answer("a", ok=False, final=False)], request_sig="req",
                        prep_sig="p", per_image=10)
         assert report.counts(s, "j")["pending"] == 1
 
@@ -133,7 +143,7 @@ def test_a_reader_sees_committed_batches_while_the_writer_runs(tmp_path):
     with Store(db) as s:
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a")], run)
-        s.record_batch("j", run, 1, [answer("a")], request_sig="req", prep_sig="p", per_image=1)
+        record_batch(s, "j", run, 1, [answer("a")], request_sig="req", prep_sig="p", per_image=1)
         reader = sqlite3.connect(db)
         assert reader.execute("SELECT state FROM items").fetchone()[0] == "done"
         reader.close()
@@ -155,10 +165,10 @@ def test_the_writer_commits_before_each_caller_returns(tmp_path):
         kinds(s, [item(f"k{i}") for i in range(64)], run)
         with s.grouped():
             def one(i):
-                s.record_attempt("j", run, i, 1, [f"k{i}"])
+                record_attempt(s, "j", run, i, 1, [f"k{i}"])
                 # Returned: the row is on disk for any other connection (the request may leave).
                 assert i in committed_attempts(path)
-                s.record_batch("j", run, i, [answer(f"k{i}")], request_sig="req",
+                record_batch(s, "j", run, i, [answer(f"k{i}")], request_sig="req",
                                prep_sig="prep", per_image=10)
 
             with ThreadPoolExecutor(16) as pool:
@@ -180,13 +190,13 @@ def test_a_failing_write_in_a_group_fails_alone(tmp_path):
 
             def good():
                 start.wait()
-                s.record_attempt("j", run, 1, 1, ["b"])
+                record_attempt(s, "j", run, 1, 1, ["b"])
 
             with ThreadPoolExecutor(2) as pool:
                 ok = pool.submit(good)
                 start.wait()
                 with pytest.raises(sqlite3.IntegrityError):  # no such run: a foreign key fails
-                    s.record_attempt("j", run + 1, 1, 1, ["a"])
+                    record_attempt(s, "j", run + 1, 1, 1, ["a"])
                 ok.result()
         assert s.run_row(run)["requests"] == 1
         assert [u["keys"] for u in report.unanswered(s, "j")] == [["b"]]
@@ -225,7 +235,7 @@ def test_the_listing_returns_only_what_must_happen(tmp_path):
         first = s.classify("j", [item(f"k{i}") for i in range(1200)], request_sig="req",
                            prep_sig="prep", run_id=run)
         assert first.counts == {NEW: 1200} and len(first.to_send) == 1200
-        s.record_batch("j", run, 1, [answer(f"k{i}") for i in range(1000)], request_sig="req",
+        record_batch(s, "j", run, 1, [answer(f"k{i}") for i in range(1000)], request_sig="req",
                        prep_sig="prep", per_image=1)
         s.finish_run(run, status="finished", exit_code=0)
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
@@ -241,7 +251,7 @@ def test_a_unique_listing_that_names_every_row_needs_no_index(tmp_path):
     with Store(tmp_path / "s.db") as s:
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a"), item("b"), item("c")], run)
-        s.record_batch("j", run, 1, [answer("a"), answer("b", ok=False)], request_sig="req",
+        record_batch(s, "j", run, 1, [answer("a"), answer("b", ok=False)], request_sig="req",
                        prep_sig="prep", per_image=1)
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         kinds(s, [item("a"), item("c")], run)
@@ -262,7 +272,7 @@ def test_keys_in_any_script_are_recognised_on_the_next_run(tmp_path):
     with Store(tmp_path / "s.db") as s:
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         assert set(kinds(s, [item(k) for k in keys], run).values()) == {NEW}
-        s.record_batch("j", run, 1, [answer(k) for k in keys], request_sig="req",
+        record_batch(s, "j", run, 1, [answer(k) for k in keys], request_sig="req",
                        prep_sig="prep", per_image=1)
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         assert set(kinds(s, [item(k) for k in keys], run).values()) == {UNCHANGED}
@@ -274,7 +284,7 @@ def test_without_sqlite_json_the_listing_is_classified_the_same(tmp_path):
         s._json_each = False  # an SQLite built without its JSON functions
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         assert kinds(s, [item("a"), item("b")], run) == {"a": NEW, "b": NEW}
-        s.record_batch("j", run, 1, [answer("a")], request_sig="req", prep_sig="prep",
+        record_batch(s, "j", run, 1, [answer("a")], request_sig="req", prep_sig="prep",
                        per_image=1)
         run = s.begin_run("j", pid=1, endpoint="e", budget=0)
         assert kinds(s, [item("a"), item("b")], run) == {"a": UNCHANGED, "b": RESUMED}
