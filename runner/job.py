@@ -166,8 +166,11 @@ def resolve_local(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p).resolve()
 
 
+_URL_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
 def is_url(value: str) -> bool:
-    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value))
+    return "://" in value and _URL_SCHEME.match(value) is not None
 
 
 def resolve_source(base: Path, value: str) -> str:

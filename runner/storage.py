@@ -104,7 +104,12 @@ def _read_local(uri: str, max_bytes: int | None, limit: int | None) -> bytes:
             return fh.read()
         if st.st_size > limit:
             raise _too_large(uri, st.st_size, limit)
-        data = fh.read(limit + 1)  # a file that grew since: still never more than limit + 1
+        # What the file holds, and a byte more to tell that it grew since (then on, never past
+        # limit + 1): a read of limit + 1 would allocate that much first, a fixed cost per file
+        # three times that of the read itself.
+        data = fh.read(st.st_size + 1)
+        if len(data) > st.st_size:
+            data += fh.read(limit + 1 - len(data))
         if len(data) > limit:
             raise _too_large(uri, None, limit)
         return data
