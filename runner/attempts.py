@@ -24,8 +24,8 @@ class AttemptRows:
 
     def record_attempts(self, job: str, run_id: int, rows: Sequence[AttemptRow]) -> None:
         """Before requests leave: their images are in flight (and may be billed). One
-        transaction for them all (requests leaving together, or, for a Dask worker's retries,
-        recorded when its task returns). Returns once committed."""
+        transaction for them all (the first requests of a Dask task's batches, say). Returns
+        once committed."""
         if rows:
             self.db.write_waited("record_attempt", self._attempt_rows(job, run_id, rows))
 
@@ -51,10 +51,10 @@ class AttemptRows:
 
         return record
 
-    def forget_attempt(self, run_id: int, batch: int, attempt: int) -> None:
+    def forget_attempt(self, run_id: int, batch: int, attempt: int) -> int:
         """A request that never connected: its attempts row goes, and it is no request of the
-        run. Returns once committed."""
-        def forget(c: sqlite3.Connection) -> None:
+        run. Returns once committed, with the rows removed (0 when there was none)."""
+        def forget(c: sqlite3.Connection) -> int:
             where = "WHERE run_id = ? AND batch = ? AND attempt = ? AND closed_at IS NULL"
             args = (run_id, batch, attempt)
             rows = c.execute(f"SELECT job, keys FROM attempts {where}", args).fetchall()
@@ -64,5 +64,6 @@ class AttemptRows:
             if rows:
                 c.execute(f"DELETE FROM attempts {where}", args)
                 self._counts.add(run_id, requests=-len(rows))
+            return len(rows)
 
-        self.db.write_waited("forget_attempt", forget)
+        return int(self.db.write_waited("forget_attempt", forget))

@@ -244,15 +244,17 @@ class Database:
 
         return wait
 
-    def write_waited(self, name: str, fn: WriteFn) -> None:
-        """A write whose caller waits for the commit: how long it waited is kept in stats."""
+    def write_waited(self, name: str, fn: WriteFn) -> Any:
+        """A write whose caller waits for the commit: how long it waited is kept in stats;
+        returns fn's result."""
         started = time.perf_counter()
-        self.write(fn)
+        result = self.write(fn)
         seconds = time.perf_counter() - started
         with self._stats_lock:  # senders count concurrently
             calls = self.stats.waits.setdefault(name, [0, 0.0])
             calls[0] += 1
             calls[1] += seconds
+        return result
 
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn(connection) on the read connection while grouped, else on the one."""

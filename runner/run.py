@@ -363,9 +363,9 @@ class Run:
         """The request never reached the service (it never connected), or was refused with
         401/403 and so not billed: its row goes, and it is no request of this run. Its row was
         written before it left, as every request's is."""
-        self.store.forget_attempt(self.run_id, batch_no, attempt)
+        gone = self.store.forget_attempt(self.run_id, batch_no, attempt)
         with self._lock:
-            self.summary.requests -= 1
+            self.summary.requests -= gone
 
     def unreserve(self, n: int) -> None:
         self.limits.unreserve(n * self.per_image)

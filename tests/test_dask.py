@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from driver import (
     TOKEN,
+    attempts_per_key,
     db_count,
     jpeg,
     make_images,
@@ -158,6 +159,40 @@ def test_coordinator_killed_mid_run_then_rerun_completes(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_coordinator_killed_while_workers_retry_never_counts_less_than_the_api_saw(tmp_path):
+    # Half the requests fail with 500: the workers retry. Each retry's row is committed by the
+    # coordinator, on the worker's word, before the retry leaves; a worker that gets no word
+    # (its coordinator killed) withholds it. Before, retries were recorded when the task came
+    # back, so a killed coordinator lost them: sends fewer than the requests the API saw.
+    folder = images(tmp_path / "imgs", 80)
+    db = tmp_path / "state" / "r.db"
+    with Sandbox(SandboxSettings(token=TOKEN, latency_ms=150, p500=0.5, seed=5)) as sb:
+        job = write_job(tmp_path, sb, f"{folder}/", name="r", executor=LOCAL_CLUSTER,
+                        api=dict(API, max_retries=8))
+        child = start(tmp_path, "run", "-q", str(job), tag="killed")
+        try:
+            wait_for(lambda: sum(n > 1 for n in sends(sb).values()) >= 2 * BATCH,
+                     "retries reaching the API", child, timeout=120, interval=0.05)
+        finally:
+            child.proc.send_signal(signal.SIGKILL)
+            child.proc.wait()
+        settle(sb)
+        seen_at_kill = sends(sb)
+        counted = attempts_per_key(db)
+        under = {k: (counted[k], n) for k, n in seen_at_kill.items() if counted[k] < n}
+        assert not under, f"the attempts rows under-count what the API saw: {under}"
+        again = ximrun(tmp_path, "run", "-q", str(job), tag="again", timeout=180)
+        assert again.proc.returncode == 0, again.output()
+        seen = sends(settle(sb) and sb)
+    final = rows(job)
+    assert {r["state"] for r in final.values()} == {"done"}
+    # One truth: items.sends is the attempts ledger, and never less than what the API saw.
+    assert {k: r["sends"] for k, r in final.items() if r["sends"]} == dict(attempts_per_key(db))
+    under = {k: (final[k]["sends"], n) for k, n in seen.items() if final[k]["sends"] < n}
+    assert not under, f"ximrun under-counts what the API saw: {under}"
+
+
+@pytest.mark.slow
 def test_ctrl_c_reaching_the_local_workers_too_stops_cleanly_with_exit_4(tmp_path):
     folder = images(tmp_path / "imgs", 100)
     with Sandbox(SandboxSettings(token=TOKEN, latency_ms=300)) as sb:
@@ -268,12 +303,13 @@ def test_a_send_task_result_crosses_as_one_pickle_even_with_an_unpicklable_error
     # What a send task returns is pickled by the worker itself (Dask would walk every outcome
     # of it on the coordinator's event loop); an error that cannot be pickled crosses as its
     # type and words, so that the batch's images are still settled.
-    from runner.executors.dask import Sent, _packed_results, _unpacked
+    from runner.executors.dask_tasks import Sent, packed_results, unpacked
     from runner.records import RecordOutcome
 
-    sent = Sent([RecordOutcome("a", ok=True, text='{"_id": "a"}')], [(["a"], True)])
-    back = _unpacked(_packed_results([sent, _NoPickle("the library broke", 7),
-                                      ValueError("kept as it is")]))
+    sent = Sent([RecordOutcome("a", ok=True, text='{"_id": "a"}')], lost=((2, ["a"]),))
+    back = unpacked(packed_results([sent, Sent([], _NoPickle("the library broke", 7), (1,)),
+                                      Sent([], ValueError("kept as it is"))]))
     assert back[0] == sent
-    assert isinstance(back[1], RuntimeError) and str(back[1]) == "_NoPickle: the library broke"
-    assert isinstance(back[2], ValueError) and str(back[2]) == "kept as it is"
+    assert isinstance(back[1].error, RuntimeError)
+    assert str(back[1].error) == "_NoPickle: the library broke" and back[1].forget == (1,)
+    assert isinstance(back[2].error, ValueError) and str(back[2].error) == "kept as it is"

@@ -1,5 +1,6 @@
-"""The Dask executor: runs a job on a Dask cluster: workers read, prepare and send chunks of images; this process stays
-the single owner of the state database (it lists, routes copies, reserves budget, records outcomes).
+"""The Dask executor: runs a job on a Dask cluster: workers read, prepare and send chunks of
+images (dask_tasks.py); this process stays the single owner of the state database (it lists,
+routes copies, reserves budget, records outcomes and every request's row).
 
 A chunk's prepared bytes stay on the worker that prepared them (a Dask future); only keys, content
 hashes and refusals come back here, and a batch is sent by a task that runs where its bytes are.
@@ -8,28 +9,22 @@ hashes and refusals come back here, and a batch is sent by a task that runs wher
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import os
-import pickle
+import queue
 import signal
 import threading
-import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
-from typing import Any, cast
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
 
-from runner.client import ApiClient
 from runner.errors import AuthError, JobError
-from runner.job import ExecutorConfig, Job
-from runner.limits import DURATION
-from runner.prepare import prepare_items
-from runner.records import Item, Ready, RecordOutcome, Refused
-from runner.run import Run, submit_prepared
+from runner.job import ExecutorConfig
+from runner.records import Item, Ready, RecordOutcome
+from runner.run import Run
 from runner.summary import Summary
 
 try:
@@ -37,6 +32,19 @@ try:
 except ImportError:
     raise JobError('executor.kind = "dask" needs the optional package `distributed`: '
                    "pip install 'ximrun[dask]'") from None
+
+from runner.executors.dask_tasks import (  # noqa: E402 -- once `distributed` is known to be there
+    RESEND,
+    Sent,
+    WorkerJob,
+    attempts_topic,
+    describe_chunk,
+    packed,
+    pick,
+    prepare_chunk,
+    send_batches,
+    unpacked,
+)
 
 log = logging.getLogger("ximrun.dask")
 
@@ -52,169 +60,6 @@ WORKERS_TIMEOUT_S = 60
 # Tasks that finish work already taken up run before new preparation.
 PRIORITY_SEND, PRIORITY_DESCRIBE = 2, 1
 
-RESEND = "a lost answer: the coordinator affords the resend"
-Prepared = dict[str, Ready | Refused]  # a chunk's preparation, by key: it stays on its worker
-
-
-# --- what runs on the workers ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class WorkerJob:
-    """What every task needs: the job (its token included), where to send, and each worker's
-    share of `concurrency`; `run_key` gives each worker one client per run."""
-
-    job: Job
-    endpoint_url: str
-    concurrency: int
-    run_key: str
-    # Spending limits are the coordinator's (Run.affordable): with any of them, a request after
-    # a lost answer is not resent here but handed back, to be afforded again.
-    guarded: bool = False
-    deadline: float | None = None  # time.time() after which no request is started (max_duration)
-
-    def __repr__(self) -> str:  # Dask prints a failed task's arguments: keep it short, no token
-        return f"WorkerJob({self.job.name!r}, {self.endpoint_url!r})"
-
-    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
-        """Every task carries this: pickled once per run, not once per task."""
-        return _unpickle_worker_job, (self._pickled,)
-
-    @functools.cached_property
-    def _pickled(self) -> bytes:
-        return pickle.dumps(tuple(getattr(self, f.name) for f in fields(self)))
-
-
-_worker_jobs: dict[bytes, WorkerJob] = {}  # per worker process: each run's, unpickled once
-
-
-def _unpickle_worker_job(pickled: bytes) -> WorkerJob:
-    w = _worker_jobs.get(pickled)
-    if w is None:
-        w = _worker_jobs[pickled] = WorkerJob(*pickle.loads(pickled))  # noqa: S301 -- Dask's own
-        for old in list(_worker_jobs)[:-_KEEP_CLIENTS]:
-            del _worker_jobs[old]
-    return w
-
-
-@dataclass(frozen=True)
-class Sent:
-    """A batch's outcomes and the ids every HTTP request carried, in order."""
-
-    outcomes: list[RecordOutcome]
-    requests: list[tuple[list[str], bool]]  # each request's ids, and whether it connected
-    lost: tuple[int, ...] = ()  # indexes in `requests` of those whose answer was lost
-
-
-_clients: dict[str, ApiClient] = {}  # per worker process: pooled connections and one AIMD limit
-_clients_lock = threading.Lock()  # a worker runs its tasks on several threads
-_KEEP_CLIENTS = 4  # clients of runs that ended are closed once this many newer ones exist
-
-
-def _worker_client(w: WorkerJob) -> ApiClient:
-    with _clients_lock:
-        client = _clients.get(w.run_key)
-        if client is None:
-            assert w.job.token is not None  # run_job puts the token actually used into the job
-            api = replace(w.job.api, concurrency=w.concurrency)
-            client = _clients[w.run_key] = ApiClient(w.endpoint_url, w.job.token, api,
-                                                     direct=w.job.uses_sandbox)
-            for key in list(_clients)[:-_KEEP_CLIENTS]:
-                _clients.pop(key).close()
-        return client
-
-
-# What crosses between the coordinator and the workers goes as one pickle (`_packed`): Dask
-# walks a task's arguments for futures and a result's parts for their sizes and serializers, item
-# by item, on the coordinator's event loop; a bytes object it takes whole.
-
-
-def _packed(value: Any) -> bytes:
-    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _unpacked(data: bytes) -> Any:
-    return pickle.loads(data)  # noqa: S301 -- between this run's own processes, as Dask's are
-
-
-def prepare_chunk(w: WorkerJob, items: bytes) -> Prepared:
-    """Read and prepare a chunk of images (`_packed` Items); the result stays on this worker for
-    send_batches."""
-    listed: list[Item] = _unpacked(items)
-    return {it.key: r for it, r in zip(listed, prepare_items(w.job, listed), strict=True)}
-
-
-def describe_chunk(prepared: Prepared) -> bytes:
-    """What the coordinator routes by (`_packed`): keys, content hashes, refusals; no image
-    bytes."""
-    return _packed([replace(r, record=replace(r.record, data=None)) if isinstance(r, Ready)
-                    else r for r in prepared.values()])
-
-
-def pick(prepared: Prepared, keys: Sequence[str]) -> Prepared:
-    """The few images of a chunk that join a batch mixed from several chunks."""
-    return {k: prepared[k] for k in keys}
-
-
-def _send_one(w: WorkerJob, batch: list[Ready]) -> Sent | Exception:
-    """Send one batch (with retries); its error (AuthError, ...) is returned, not raised, so
-    that the other batches of the task keep their answers."""
-    requests: list[tuple[list[str], bool]] = []
-    lost: list[int] = []
-
-    def unsent(ids: Sequence[str], attempt: int) -> None:
-        requests[-1] = (requests[-1][0], False)
-
-    def on_lost(ids: Sequence[str], attempt: int) -> None:
-        lost.append(len(requests) - 1)
-
-    def may_send(ids: Sequence[str], attempt: int) -> str | None:
-        if w.deadline is not None and time.time() >= w.deadline:
-            return DURATION
-        return RESEND if w.guarded and lost else None
-
-    try:
-        outcomes = submit_prepared(w.job, _worker_client(w), batch,
-                                   lambda ids, attempt: requests.append((list(ids), True)),
-                                   unsent, on_lost, may_send)
-    except Exception as exc:  # noqa: BLE001 -- the coordinator decides per batch
-        return exc
-    # A record kept as the text it came in crosses back as that text alone: half the bytes for
-    # the coordinator's event loop to take in, and the store needs nothing else.
-    outcomes = [replace(o, record=None) if o.text is not None else o for o in outcomes]
-    return Sent(outcomes, requests, tuple(lost))
-
-
-def send_batches(w: WorkerJob, batches: bytes, *parts: Prepared) -> bytes:
-    """Send several batches at once from the prepared images they name (`_packed` lists of
-    keys): one task, one result for the coordinator to fetch, instead of one per batch. Each
-    batch has its own requests and retries; the worker's client caps how many are in flight.
-    Returns each batch's `Sent` or error, `_packed`."""
-    found: Prepared = {}
-    for part in parts:
-        found.update(part)
-    # The coordinator sends only Ready images.
-    readies = [[cast(Ready, found[k]) for k in keys] for keys in _unpacked(batches)]
-    if len(readies) == 1:
-        return _packed_results([_send_one(w, readies[0])])
-    with ThreadPoolExecutor(len(readies), thread_name_prefix="ximrun-send") as pool:
-        return _packed_results(list(pool.map(lambda batch: _send_one(w, batch), readies)))
-
-
-def _packed_results(results: list[Sent | Exception]) -> bytes:
-    """An error that cannot be pickled crosses as its type and message (a task's result must)."""
-    try:
-        return _packed(results)
-    except Exception:  # noqa: BLE001 -- some third-party error type; its words are what matter
-        return _packed([r if isinstance(r, Sent) or _picklable(r)
-                        else RuntimeError(f"{type(r).__name__}: {r}") for r in results])
-
-
-def _picklable(value: object) -> bool:
-    try:
-        pickle.loads(_packed(value))  # noqa: S301 -- made here, a line above
-    except Exception:  # noqa: BLE001 -- whatever pickling raises
-        return False
-    return True
 
 
 # --- the cluster -------------------------------------------------------------------------------
@@ -281,8 +126,54 @@ class DaskExecutor:
             log.info("running on %d Dask worker(s), %d request(s) in flight each",
                      workers, w.concurrency)
             # The time window starts with the run (Limits.start): the workers learn it then.
-            return run.execute(lambda r: _Coordinator(
-                r, dask, replace(w, deadline=r.limits.wall_deadline)).drive())
+            with _Desk(run, dask, attempts_topic(w)):
+                return run.execute(lambda r: _Coordinator(
+                    r, dask, replace(w, deadline=r.limits.wall_deadline)).drive())
+
+
+class _Desk:
+    """The coordinator's side of `_asked`: a request's row recorded or forgotten on a worker's
+    word, in the order the words come, then acknowledged. A word that cannot be acted on (the
+    state database failed) gets no acknowledgement: the worker withholds the request."""
+
+    def __init__(self, run: Run, dask: distributed.Client, topic: str) -> None:
+        self.run, self.dask, self.topic = run, dask, topic
+        self._words: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="ximrun-attempt-desk",
+                                        daemon=True)
+        self.error: BaseException | None = None  # the state database's: the run raises it
+
+    def __enter__(self) -> _Desk:
+        self._thread.start()
+        # Called on the Dask client's event loop: handed over, never waited on there.
+        self.dask.subscribe_topic(self.topic, lambda event: self._words.put(event[1]))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):  # the scheduler may be gone
+            self.dask.unsubscribe_topic(self.topic)
+        self._words.put(None)
+        self._thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
+
+    def _serve(self) -> None:
+        run = self.run
+        while (word := self._words.get()) is not None:
+            try:
+                if word["op"] == "record":
+                    run.record_attempts([(word["batch"], word["attempt"], word["ids"])])
+                else:
+                    run.forget_attempt(word["batch"], word["attempt"])
+            except Exception as exc:  # noqa: BLE001 -- the request is withheld; the run stops
+                if self.error is None:
+                    self.error = exc
+                    run.stop.set()
+                continue
+            try:
+                distributed.Event(f"ximrun-ack-{word['ack']}", client=self.dask).set()
+            except Exception as exc:  # noqa: BLE001 -- the worker waits, then withholds it
+                log.warning("could not tell a worker its request's row is written: %s", exc)
 
 
 class _Coordinator:
@@ -336,7 +227,7 @@ class _Coordinator:
                 if not items:
                     break
                 taken += len(items)
-                prepared = dask.submit(prepare_chunk, w, _packed(items), pure=False)
+                prepared = dask.submit(prepare_chunk, w, packed(items), pure=False)
                 described = dask.submit(describe_chunk, prepared, pure=False,
                                         priority=PRIORITY_DESCRIBE)
                 finished.add(described)
@@ -391,7 +282,7 @@ class _Coordinator:
         bs = self.run.job.api.batch_size
         for f, result in finished.next_batch(block=False):
             # AuthError, KilledWorker, ...
-            described = f.exception() if f.status == "error" else _unpacked(result)
+            described = f.exception() if f.status == "error" else unpacked(result)
             if f in sending:
                 task = sending.pop(f)
                 answered = []
@@ -447,45 +338,35 @@ class _Coordinator:
         self.run.record_attempts([(batch_no, 1, [r.item.key for r in readies])
                                   for batch_no, readies in task.batches])
         f = self.dask.submit(send_batches, self.worker_job,
-                             _packed([[r.item.key for r in readies] for readies in group]),
+                             packed([(batch_no, [r.item.key for r in readies])
+                                      for batch_no, readies in task.batches]),
                              *parts, pure=False, priority=PRIORITY_SEND)
         finished.add(f)
         sending[f] = task
 
     def _take_requests(self, sent: Sent | BaseException, batch_no: int,
                        readies: list[Ready]) -> list[RecordOutcome] | None:
-        """A batch that came back: its requests recorded; returns its outcomes to record, or
-        None when the token was refused (nothing to record)."""
-        if isinstance(sent, AuthError):
-            self.run.unreserve(len(readies))
-            if sent.first_unbilled:
-                # Only the first request was recorded here; it was refused, or never left
-                # because the worker's client had already been refused: not billed.
-                self.run.forget_attempt(batch_no, 1)
-            self.run.refuse_token(sent)
-            return None
+        """A batch that came back: its requests' rows settled; returns its outcomes to record,
+        or None when the token was refused (nothing to record)."""
+        if not isinstance(sent, BaseException):
+            for attempt in sent.forget:
+                self.run.forget_attempt(batch_no, attempt)
+            if isinstance(sent.error, AuthError):
+                self.run.unreserve(len(readies))
+                self.run.refuse_token(sent.error)
+                return None
+            if sent.error is not None:
+                sent = sent.error
         if isinstance(sent, BaseException):  # its workers died over and over (KilledWorker)
             log.error("batch %d: no answer from the cluster: %s", batch_no, sent)
             why = f"worker lost while sending (may have been billed): {sent}"
-            sent = Sent([RecordOutcome(r.item.key, ok=False, reason=why) for r in readies],
-                        [([r.item.key for r in readies], True)])  # its row stays: maybe billed
+            # Its rows stay open: maybe billed.
+            sent = Sent([RecordOutcome(r.item.key, ok=False, reason=why) for r in readies])
         # The workers' clients have breakers of their own; this one stops new batches here.
         final = any(o.final for o in sent.outcomes)
         given_up = [o.reason for o in sent.outcomes if o.unavailable]
         if final or given_up:
             self.run.client.breaker.batch_done(final, given_up[0] if given_up else None)
-        # The first request was recorded before the task was submitted; retries after it here.
-        # One that never connected, or never left (a stop, the worker's breaker), is no request.
-        if not sent.requests or not sent.requests[0][1]:
-            self.run.forget_attempt(batch_no, 1)
-        numbers = [1] if sent.requests and sent.requests[0][1] else [0]
-        retries = []
-        for ids, connected in sent.requests[1:]:
-            if connected:
-                retries.append((batch_no, len(retries) + 2, ids))
-            numbers.append(len(retries) + 1 if connected else 0)
-        if retries:
-            self.run.record_attempts(retries)
-        for i in sent.lost:
-            self.run.lost_answer(batch_no, numbers[i], sent.requests[i][0])
+        for attempt, ids in sent.lost:
+            self.run.lost_answer(batch_no, attempt, ids)
         return sent.outcomes
