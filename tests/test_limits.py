@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -49,12 +50,23 @@ def folder(tmp_path):
     return tmp_path / "imgs"
 
 
-def fake_clock(monkeypatch, start: datetime, db, step: timedelta = timedelta(minutes=1)) -> None:
-    """limits.now(): `start`, plus `step` for every batch recorded in the database `db`."""
-    def now() -> datetime:
-        n = db_count(db, "SELECT count(*) FROM attempts WHERE closed_at IS NOT NULL")
-        return (start + n * step).astimezone(UTC)
+def fake_clock(monkeypatch, start: datetime, step: timedelta = timedelta(minutes=1)) -> None:
+    """limits.now(): `start`, plus `step` for every batch the run has recorded. Batches are
+    counted as they settle, one at a time: two answered together (one commit) are still a
+    minute apart, as the run records them in turn."""
+    recorded = [0]
+    lock = threading.Lock()
+    settle = limits.Limits.settle
 
+    def settle_in_turn(self: limits.Limits, reserved: int, credits: int) -> None:
+        with lock:
+            recorded[0] += 1
+            settle(self, reserved, credits)
+
+    def now() -> datetime:
+        return (start + recorded[0] * step).astimezone(UTC)
+
+    monkeypatch.setattr(limits.Limits, "settle", settle_in_turn)
     monkeypatch.setattr(limits, "now", now)
 
 
@@ -161,8 +173,7 @@ def test_a_run_that_crosses_midnight_gets_the_new_days_allowance_from_midnight(
     """23:57:30 in New York (04:57:30 UTC: no UTC midnight near), a minute per batch recorded."""
     make_images(tmp_path / "imgs", 10)
     tz = ZoneInfo("America/New_York")
-    fake_clock(monkeypatch, datetime(2030, 3, 14, 23, 57, 30, tzinfo=tz),
-               tmp_path / "state" / "t.db")
+    fake_clock(monkeypatch, datetime(2030, 3, 14, 23, 57, 30, tzinfo=tz))
     job = write_job(tmp_path, sandbox, tmp_path / "imgs", api={"batch_size": 1, "concurrency": 1},
                     credits={"per_day": 30, "timezone": "America/New_York"})
     s = run_json(job, exit_code=3)
