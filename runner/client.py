@@ -384,11 +384,7 @@ class ApiClient:
         return transport_error(exc, self._timeout)
 
     def _request(self, batch: _Submission, group: list[RequestRecord]) -> Reply:
-        try:
-            self._check_refused()
-        except AuthError as exc:
-            exc.first_unbilled = batch.requests == 0
-            raise
+        self._check_refused()
         batch.requests += 1
         for r in group:
             batch.attempts[r.id] = batch.attempts.get(r.id, 0) + 1
@@ -437,11 +433,7 @@ class ApiClient:
                           unsent=unsent, lost=not unsent)
         reply = read_reply(resp, data, group, self._redactor)
         if reply.kind == "refused":
-            try:
-                self._refuse(AuthError(reply.error))
-            except AuthError as exc:
-                exc.first_unbilled = batch.requests == 1
-                raise
+            self._refuse(AuthError(reply.error))
         if reply.status == 429:
             self.limit.on_throttle()
         elif reply.kind == "records" and not reply.unmatched:

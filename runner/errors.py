@@ -46,9 +46,6 @@ class AuthError(RunnerError):
     # True when raised for a request that was sent and refused (not billed); False when raised
     # before sending, because an earlier request was refused.
     refused_request = False
-    # True when the batch's first request was not billed: refused, or never sent because an
-    # earlier one was (the Dask coordinator records that request before the batch leaves).
-    first_unbilled = False
 
 
 class LockedError(RunnerError):

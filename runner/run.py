@@ -69,13 +69,9 @@ def submit_prepared(job: Job, client: ApiClient, batch: Sequence[Ready],
              if (smaller := prepare_smaller(job, by_key[o.id])) is not None]
     if not again:
         return outcomes
-    try:
-        second = {o.id: o for o in client.submit_batch(again, on_attempt=on_attempt,
-                                                       on_unsent=on_unsent, on_lost=on_lost,
-                                                       may_send=may_send)}
-    except AuthError as exc:
-        exc.first_unbilled = False  # the batch's first request was the one before the resend
-        raise
+    second = {o.id: o for o in client.submit_batch(again, on_attempt=on_attempt,
+                                                   on_unsent=on_unsent, on_lost=on_lost,
+                                                   may_send=may_send)}
     return [second.get(o.id, o) for o in outcomes]
 
 

@@ -7,11 +7,12 @@ filesystem (S3, HTTP) are fetched together on fsspec's event loop.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from runner.errors import ReadError, brief
@@ -71,17 +72,10 @@ def _read_bounded(fs: AbstractFileSystem, path: str, uri: str, limit: int) -> by
         size = getattr(fh, "size", None)
         if isinstance(size, int) and size > limit:
             raise _too_large(uri, size, limit)
-        chunks: list[bytes] = []
-        total = 0
-        while total <= limit:
-            chunk = fh.read(min(2**20, limit + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-    if total > limit:
+        data = _read_upto(fh.read, limit + 1, _BLOCK)
+    if len(data) > limit:
         raise _too_large(uri, None, limit)
-    return b"".join(chunks)
+    return data
 
 
 # O_NONBLOCK: opening a FIFO does not wait for a writer (POSIX; Windows has no FIFOs to open).
@@ -92,6 +86,7 @@ def _read_local(uri: str, max_bytes: int | None, limit: int | None) -> bytes:
     # Plain os.open() costs a third of fsspec's path handling, and os.read() half of a Python
     # file object (which asks the kernel whether the file is a terminal, and where it stands).
     fd = os.open(local_path(uri), _OPEN_FLAGS)
+    reader = functools.partial(os.read, fd)
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -100,15 +95,15 @@ def _read_local(uri: str, max_bytes: int | None, limit: int | None) -> bytes:
             raise ReadError(f"read_error: {text_safe(uri)} is not a regular file (a device, "
                             "FIFO or socket)")
         if max_bytes is not None:
-            return _read_fd(fd, max_bytes, max_bytes)
+            return _read_upto(reader, max_bytes, max_bytes)
         if limit is None:
-            return _read_fd(fd, None, st.st_size + 1)
+            return _read_upto(reader, None, st.st_size + 1)
         if st.st_size > limit:
             raise _too_large(uri, st.st_size, limit)
         # What the file holds, and a byte more to tell that it grew since (then on, never past
         # limit + 1): a read of limit + 1 would allocate that much first, a fixed cost per file
         # three times that of the read itself.
-        data = _read_fd(fd, limit + 1, st.st_size + 1)
+        data = _read_upto(reader, limit + 1, st.st_size + 1)
         if len(data) > limit:
             raise _too_large(uri, None, limit)
         return data
@@ -116,14 +111,14 @@ def _read_local(uri: str, max_bytes: int | None, limit: int | None) -> bytes:
         os.close(fd)
 
 
-def _read_fd(fd: int, most: int | None, first: int) -> bytes:
-    """Up to `most` bytes from fd (to its end with None): `first` of them at once, then on in
-    blocks of a megabyte until the end."""
+def _read_upto(read: Callable[[int], bytes], most: int | None, first: int) -> bytes:
+    """Up to `most` bytes through `read` (to the end with None): `first` of them at once, then
+    on in blocks of a megabyte until the end."""
     chunks: list[bytes] = []
     total = 0
     want = first if most is None else min(first, most)
     while want > 0:
-        chunk = os.read(fd, want)
+        chunk = read(want)
         if not chunk:
             break
         chunks.append(chunk)

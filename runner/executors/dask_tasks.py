@@ -139,11 +139,11 @@ def pick(prepared: Prepared, keys: Sequence[str]) -> Prepared:
 
 @dataclass(frozen=True)
 class _Here:
-    """Where a send task runs: its job, its Dask worker and that worker's client."""
+    """Where a send task runs: its job and its Dask worker (whose client, made with the first
+    retry, carries the coordinator's word)."""
 
     job: WorkerJob
     worker: Any
-    client: Any
 
 
 def _send_one(here: _Here, batch_no: int, batch: list[Ready]) -> Sent:
@@ -205,7 +205,7 @@ def _asked(here: _Here, op: str, batch_no: int, attempt: int, ids: Sequence[str]
     try:
         here.worker.log_event(attempts_topic(here.job), {
             "op": op, "batch": batch_no, "attempt": attempt, "ids": list(ids), "ack": token})
-        ack = distributed.Event(f"ximrun-ack-{token}", client=here.client)
+        ack = distributed.Event(f"ximrun-ack-{token}", client=here.worker.client)
         done = bool(ack.wait(timeout=ACK_TIMEOUT_S))
         ack.clear()  # an event set and waited for is removed from the scheduler
     except Exception as exc:  # noqa: BLE001 -- the scheduler gone, the worker closing
@@ -232,8 +232,8 @@ def send_batches(w: WorkerJob, batches: bytes, *parts: Prepared) -> bytes:
     # The coordinator sends only Ready images.
     readies = [(batch_no, [cast(Ready, found[k]) for k in keys])
                for batch_no, keys in unpacked(batches)]
-    # The worker and its client are known to the task's own thread only.
-    here = _Here(w, distributed.get_worker(), distributed.get_client())
+    # The worker is known to the task's own thread only, not to the threads sending below.
+    here = _Here(w, distributed.get_worker())
     if len(readies) == 1:
         return packed_results([_send_one(here, *readies[0])])
     with ThreadPoolExecutor(len(readies), thread_name_prefix="ximrun-send") as pool:
