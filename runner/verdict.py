@@ -51,13 +51,16 @@ def settle(run: Run, stopped_by: str | None, listing_complete: bool) -> None:
             if stopped_by != "limit":
                 s.stopped_by = stopped_by
                 s.message = stop_message(stopped_by, run.limits.left())
-        elif s.unavailable and s.pending:
-            # The service failed some batches to the end of their retries: nothing of theirs
-            # is marked failed, and the next plain run sends them.
+        elif s.pending:
+            # The service failed some batches to the end of their retries (or a Dask worker
+            # got no word from the coordinator about a retry's row, and did not send it):
+            # nothing of theirs is marked failed, and the next plain run sends them. Exit 0
+            # says every image is final, so images left pending for any other cause end here
+            # too.
             s.status, s.exit_code = "finished_with_pending", ExitCode.UNAVAILABLE
-            s.message = (f"{s.pending} image(s) left pending: the API failed "
-                         f"{s.unavailable} image(s) after their retries (last error: "
-                         f"{run.service_error}); the next run sends them"
+            why = (f"{s.unavailable} image(s) got no answer after their retries (last error: "
+                   f"{run.service_error})" if s.unavailable else "they were not answered")
+            s.message = (f"{s.pending} image(s) left pending: {why}; the next run sends them"
                          + (f"; {failed} image(s) failed" if failed else ""))
         elif failed:
             s.status, s.exit_code = "finished_with_failures", ExitCode.FAILURES

@@ -193,6 +193,32 @@ def test_a_coordinator_killed_while_workers_retry_never_counts_less_than_the_api
     assert not under, f"ximrun under-counts what the API saw: {under}"
 
 
+def test_a_retry_without_the_coordinators_word_in_time_is_not_sent_and_the_run_exits_69(
+        tmp_path, cluster, monkeypatch):
+    # A worker waits for the coordinator's word that a retry's row is committed; with none in
+    # time it withholds the retry. Its images stay pending with the reason, the row is taken
+    # back, and the run may not exit 0, which says that every image is final (it did: the
+    # images ended pending without a reason, "finished").
+    from runner.executors import dask_tasks  # with `distributed`, which this module skips without
+
+    monkeypatch.setattr(dask_tasks, "ACK_TIMEOUT_S", 0.0)  # no word comes back that fast
+    folder = images(tmp_path / "imgs", 40)
+    with Sandbox(SandboxSettings(token=TOKEN, latency_ms=20, p500=0.5, seed=3)) as sb:
+        job = write_job(tmp_path, sb, f"{folder}/", name="w", api=API)
+        summary = run_json(job, "--dask", cluster.scheduler.address, exit_code=69)
+        seen, ledger = sends(sb), sb.ledger()
+    final = rows(job)
+    pending = {k for k, r in final.items() if r["state"] == "pending"}
+    assert pending and {r["state"] for r in final.values()} == {"done", "pending"}
+    assert summary["status"] == "finished_with_pending" and summary["pending"] == len(pending)
+    assert "did not record the request in time" in summary["message"]
+    assert all("did not record the request in time" in final[k]["reason"] for k in pending)
+    assert all(seen[k] >= 1 for k in pending)  # each failed once: a retry was due
+    # The rows recorded too late were taken back: sends are what the API saw, no more.
+    assert {k: r["sends"] for k, r in final.items()} == {k: seen[k] for k in final}
+    assert summary["requests"] == len({e.request_no for e in ledger})
+
+
 @pytest.mark.slow
 def test_ctrl_c_reaching_the_local_workers_too_stops_cleanly_with_exit_4(tmp_path):
     folder = images(tmp_path / "imgs", 100)

@@ -33,7 +33,8 @@ except ImportError:
     raise JobError('executor.kind = "dask" needs the optional package `distributed`: '
                    "pip install 'ximrun[dask]'") from None
 
-from runner.executors.dask_tasks import (  # noqa: E402 -- once `distributed` is known to be there
+from runner.executors import dask_tasks  # noqa: E402 -- once `distributed` is known to be there
+from runner.executors.dask_tasks import (  # noqa: E402
     RESEND,
     Sent,
     WorkerJob,
@@ -122,7 +123,8 @@ class DaskExecutor:
             workers = len(dask.nthreads())
             # Each worker's client caps its own requests, so the cluster stays at `concurrency`.
             w = WorkerJob(job, run.client.endpoint_url, max(1, job.api.concurrency // workers),
-                          uuid.uuid4().hex, guarded=run.limits.active)
+                          uuid.uuid4().hex, guarded=run.limits.active,
+                          ack_timeout_s=dask_tasks.ACK_TIMEOUT_S)
             log.info("running on %d Dask worker(s), %d request(s) in flight each",
                      workers, w.concurrency)
             # The time window starts with the run (Limits.start): the workers learn it then.

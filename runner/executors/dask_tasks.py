@@ -33,6 +33,7 @@ log = logging.getLogger("ximrun.dask")
 RESEND = "a lost answer: the coordinator affords the resend"
 NOT_RECORDED = "the coordinator did not record the request in time"
 ACK_TIMEOUT_S = 30.0  # a worker's wait for the coordinator's word on a request's row
+_WITHHELD = f"not sent: {NOT_RECORDED}"  # the outcome's reason (ApiClient._send)
 Prepared = dict[str, Ready | Refused]  # a chunk's preparation, by key: it stays on its worker
 
 
@@ -49,6 +50,7 @@ class WorkerJob:
     # a lost answer is not resent here but handed back, to be afforded again.
     guarded: bool = False
     deadline: float | None = None  # time.time() after which no request is started (max_duration)
+    ack_timeout_s: float = ACK_TIMEOUT_S  # the wait for the coordinator's word on a row
 
     def __repr__(self) -> str:  # Dask prints a failed task's arguments: keep it short, no token
         return f"WorkerJob({self.job.name!r}, {self.endpoint_url!r})"
@@ -192,8 +194,11 @@ def _send_one(here: _Here, batch_no: int, batch: list[Ready]) -> Sent:
     if getattr(error, "refused_request", False) and attempted:
         forget.add(max(attempted))
     # A record kept as the text it came in crosses back as that text alone: half the bytes for
-    # the coordinator's event loop to take in, and the store needs nothing else.
-    outcomes = [replace(o, record=None) if o.text is not None else o for o in outcomes]
+    # the coordinator's event loop to take in, and the store needs nothing else. A request
+    # withheld for want of the coordinator's word leaves its images pending as a service that
+    # failed them would: with the reason kept, counted, and the run's exit code saying so.
+    outcomes = [replace(o, record=None, unavailable=o.unavailable or o.reason == _WITHHELD)
+                if o.text is not None or o.reason == _WITHHELD else o for o in outcomes]
     return Sent(outcomes, error, tuple(sorted(forget)), tuple(lost))
 
 
@@ -206,7 +211,7 @@ def _asked(here: _Here, op: str, batch_no: int, attempt: int, ids: Sequence[str]
         here.worker.log_event(attempts_topic(here.job), {
             "op": op, "batch": batch_no, "attempt": attempt, "ids": list(ids), "ack": token})
         ack = distributed.Event(f"ximrun-ack-{token}", client=here.worker.client)
-        done = bool(ack.wait(timeout=ACK_TIMEOUT_S))
+        done = bool(ack.wait(timeout=here.job.ack_timeout_s))
         ack.clear()  # an event set and waited for is removed from the scheduler
     except Exception as exc:  # noqa: BLE001 -- the scheduler gone, the worker closing
         log.warning("batch %d: no word from the coordinator about request %d (%s)", batch_no,
