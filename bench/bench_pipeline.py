@@ -44,6 +44,7 @@ from typing import Any
 
 from bench.fixtures import (
     Figure,
+    ThreadCPU,
     all_met,
     cpu_seconds,
     emulator_process,
@@ -200,6 +201,7 @@ class Measured:
     waits: dict[str, list[float]] = field(default_factory=dict)  # name -> [calls, seconds]
     prep_s: float = 0.0
     prep_calls: int = 0
+    threads: dict[str, float] = field(default_factory=dict)  # CPU seconds by kind of thread
 
     def slot_wait(self) -> float:
         """Seconds request slots spent waiting for attempt rows to be committed."""
@@ -217,10 +219,12 @@ def _measured_run(tmp: Path, name: str, images: Path, endpoint: str, concurrency
     with Store(job.db_path) as store, _timed_preparation(m):
         cpu, children = cpu_seconds(), cpu_seconds("children")
         started = time.perf_counter()
-        summary = run_job(job, store=store)  # its commit statistics are read below
+        with ThreadCPU() as threads:
+            summary = run_job(job, store=store)  # its commit statistics are read below
         m.wall = time.perf_counter() - started
         m.cpu = cpu_seconds() - cpu
         m.workers_cpu = cpu_seconds("children") - children
+    m.threads = threads.by_name()
     st = store.stats
     m.write_s, m.write_cpu_s, m.read_s = st.write_s, st.write_cpu_s, st.read_s
     m.transactions, m.writes = st.transactions, st.writes
@@ -305,6 +309,8 @@ def _report(concurrency: int, n: int, best: float, m: Measured, bare: float,
     print(f"    a request's thread waits for its commits: {waits}; request slots waited "
           f"{m.slot_wait():.2f} s of {concurrency} x {m.wall:.2f} s = "
           f"{m.slot_wait() / (concurrency * m.wall):.1%}")
+    kinds = ", ".join(f"{k} {s / n * 1e6:.0f}" for k, s in m.threads.items() if s / n >= 5e-7)
+    print(f"  the run process's threads, CPU per image in us (all of a kind together): {kinds}")
     per = m.prep_s / max(m.prep_calls, 1) * 1e6
     print(f"  preparation: {m.prep_s:.2f} thread-s over {m.prep_calls:,} images "
           f"({per:.0f} us each) = {m.prep_s / m.wall:.1%} of wall (on a pool)")

@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import os
 import random
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -219,6 +221,56 @@ def cpu_seconds(who: str = "self") -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN if who == "children"
                                else resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+class ThreadCPU:
+    """The CPU time of this process's threads, summed by name (numbers at the end dropped:
+    `send_3` counts as `send`), read every `interval` from the kernel's per-thread run time
+    (/proc/self/task/<tid>/schedstat, in nanoseconds). A thread's last reading stands for it,
+    so the little it spends after that is lost (pool threads end idle). Empty where there is
+    no such file (not Linux)."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self._last: dict[int, tuple[str, float]] = {}  # native thread id -> (name, CPU seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="bench-sampler", daemon=True)
+
+    def __enter__(self) -> ThreadCPU:
+        self._read()
+        self._start = dict(self._last)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._read()
+
+    def by_name(self) -> dict[str, float]:
+        """Seconds of CPU per kind of thread over the block, the most first."""
+        out: dict[str, float] = {}
+        for tid, (name, seconds) in self._last.items():
+            spent = seconds - self._start.get(tid, (name, 0.0))[1]
+            kind = re.sub(r"[-_]?\d+$", "", name.split(" ")[0]) or name
+            out[kind] = out.get(kind, 0.0) + spent
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._read()
+
+    def _read(self) -> None:
+        for t in threading.enumerate():
+            tid = t.native_id
+            if tid is None or t is self._thread:
+                continue
+            try:
+                with open(f"/proc/self/task/{tid}/schedstat", encoding="ascii") as f:
+                    seconds = int(f.read().split()[0]) / 1e9
+            except (OSError, ValueError, IndexError):
+                continue  # ended meanwhile, or no such file here
+            self._last[tid] = (t.name, seconds)
 
 
 def child_env() -> dict[str, str]:
