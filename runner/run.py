@@ -111,6 +111,8 @@ class Run:
         self.sending = 0  # batches handed to the request threads and not finished
         self.service_error: str | None = None  # the last failure of the service, not a record's
         self._classifying: deque[Callable[[], Classified]] = deque()  # chunks queued, not counted
+        # The listing so far: images listed, classified, and classified to be sent.
+        self._seen = self._classified = self._to_send = 0
 
     # listing and classification
 
@@ -133,6 +135,7 @@ class Run:
         for chunk in iter_chunks(listed, chunk_size):
             if not self.sending:
                 size = min(LIST_CHUNK, size * 2)
+            self._seen += len(chunk)
             queued.append(self.store.classify_soon(self.job.name, chunk,
                                                    request_sig=self.request_sig,
                                                    prep_sig=self.prep_sig, run_id=self.run_id))
@@ -158,7 +161,16 @@ class Run:
                 name = KIND_COUNTERS[kind]
                 setattr(s, name, getattr(s, name) + n)
         self.report()
-        return classified.to_send
+        to_send = classified.to_send
+        self._classified += sum(classified.counts.values())
+        self._to_send += len(to_send)
+        return to_send
+
+    def looks_longer_than(self, n: int) -> bool:
+        """Whether the listing already shows more than n images, at least half of those classified
+        so far to be sent: likely a run of more than n images, known before they are taken up
+        (the first chunks are classified while the next are listed)."""
+        return self._seen > n and self._classified > 0 and 2 * self._to_send >= self._classified
 
     def report(self) -> None:
         if self.progress is not None:

@@ -2,8 +2,9 @@
 
 Reading, the check decode, resizing and SHA-256 are most of what an image costs this process, and
 much of it is Python around the decoders, under the interpreter lock that the request threads
-and the store's writer need too. Once a run has taken up `PROCESSES_AFTER` images, its later
-tasks go to worker processes instead, one per core: they run the same `prepare_items` a Dask
+and the store's writer need too. Once a run has taken up `PROCESSES_AFTER` images, or its
+listing shows more than that with at least half of those classified to be sent, its later tasks
+go to worker processes instead, one per core: they run the same `prepare_items` a Dask
 worker runs and hand back only what the run cannot rebuild itself (the bytes to send, the content
 hash, the size, or the refusal), while the `Item`s stay here. A short run (a test, a cron job with
 a few new images) never pays the workers' start-up.
@@ -73,6 +74,7 @@ class Preparers:
         self._warm: set[int] = set()  # generations whose workers have started
         self._cold: BaseException | None = None  # why the workers could not start
         self._taken = 0  # images submitted (a task given back is not counted again)
+        self.expecting = False  # a long run foreseen: the workers start with the next task
 
     @property
     def batches_per_task(self) -> int:
@@ -81,6 +83,13 @@ class Preparers:
         workers are up."""
         warm = self._pool is not None and self._generation in self._warm
         return self._process_batches if warm else 1
+
+    def expect_long_run(self) -> None:
+        """The listing shows a run of more than PROCESSES_AFTER images: the workers start with the
+        next task rather than with image PROCESSES_AFTER + 1, which a fresh run of thousands
+        takes up only about 0.15 s later (its first chunks are listed ever larger before they
+        are handed on); the run's threads prepare that much less while the workers start."""
+        self.expecting = True
 
     def submit(self, task: Task) -> Future[list[Ready | Refused]]:
         if not task.tries:
@@ -91,7 +100,7 @@ class Preparers:
             self._use_processes = False
             self._close_pool()
         if self._use_processes and self._pool is None and (
-                self._taken > PROCESSES_AFTER or task.tries > 1):
+                self._taken > PROCESSES_AFTER or self.expecting or task.tries > 1):
             self._start_pool()
         if task.tries > 1:
             # A task given back by a broken pool goes to processes only: were its decoder's

@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from runner.errors import AuthError
-from runner.executors.preparers import Preparers, Task
+from runner.executors.preparers import PROCESSES_AFTER, Preparers, Task
 from runner.job import Job
 from runner.records import Item, Ready, Refused
 from runner.run import Run
@@ -87,6 +87,9 @@ def drive(run: Run) -> tuple[str | None, bool]:
                     taken += 1
                     task.append(nxt.item)
                 if task:
+                    if (not preparers.expecting and (limit is None or limit > PROCESSES_AFTER)
+                            and run.looks_longer_than(PROCESSES_AFTER)):
+                        preparers.expect_long_run()
                     t = Task(task)
                     f = preparers.submit(t)
                     prep_inflight[f] = t
