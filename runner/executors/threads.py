@@ -72,7 +72,7 @@ def drive(run: Run) -> tuple[str | None, bool]:
             # 1. take up listed images while the preparation window has room; prepared images
             # waiting for a batch count too, or a slow API would let every image's bytes pile
             # up in memory
-            while (stopped_by is None and not intake_done
+            while (stopped_by is None and not intake_done and preparers.has_room()
                    and preparing + len(prepared) + len(batch) < prep_window):
                 task: list[Item] = []
                 size = bs * preparers.batches_per_task
@@ -119,6 +119,9 @@ def drive(run: Run) -> tuple[str | None, bool]:
                 send_inflight.add(f)
                 run.sending = len(send_inflight)
                 f.add_done_callback(finished.put)
+            # the request threads idle for want of prepared images: the workers may grow
+            preparers.hungry(stopped_by is None and not intake_done
+                             and len(send_inflight) < send_window and len(batch) < bs)
             # 4. finished?
             if stopped_by is not None and not send_inflight:
                 break
@@ -138,6 +141,7 @@ def drive(run: Run) -> tuple[str | None, bool]:
                 if f in prep_inflight:
                     t = prep_inflight.pop(f)
                     if f.cancelled():
+                        preparers.dropped(t)
                         preparing -= len(t.items)
                         continue
                     got = preparers.result(t, f)
