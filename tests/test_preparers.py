@@ -3,12 +3,14 @@
 A run longer than PROCESSES_AFTER images prepares in worker processes and records what a short
 run (threads only) records; a worker killed in the middle of a run costs no image; a script
 calling run_job without the `__main__` guard, or a daemonic process, goes on with threads;
-SIGTERM to the whole process group stops the run cleanly; a worker imports little.
+SIGTERM to the whole process group stops the run cleanly; a worker imports little; photos to
+resize start a worker per core.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -87,6 +89,34 @@ def test_a_long_run_prepares_in_worker_processes_and_records_what_threads_record
         assert (summary["done"], summary["failed"], summary["rejected"]) == (n, 0, 0)
         assert set(sends(sb).values()) == {1}
     check_rows(job, paths)
+
+
+@pytest.mark.slow
+def test_photos_to_resize_start_a_worker_per_core(tmp_path):
+    # One worker keeps small images ahead of the API; photos to downscale cost the threads more
+    # than preparers.HEAVY_S each, and the run starts a worker per core for them (the same
+    # pixels in every file, a comment making each file its own).
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.linear_gradient("L").resize((1600, 1200)).convert("RGB").save(buf, "JPEG", quality=90)
+    photo = buf.getvalue()
+    n = PROCESSES_AFTER + 60
+
+    def image(i: int) -> bytes:
+        note = f"photo {i}".encode()
+        return photo[:2] + b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note + photo[2:]
+
+    make_images(tmp_path / "imgs", n, image=image)
+    with Sandbox(SandboxSettings(token=TOKEN, latency_ms=50)) as sb:
+        job = write_job(tmp_path, sb, tmp_path / "imgs", images={"max_side": 1024},
+                        api=dict(CHILD_API, batch_size=10, concurrency=4))
+        # A budget of 5 batches: the emulator's own analysis of each photo is slow, and the
+        # workers are decided on by then.
+        run = ximrun(tmp_path, "run", str(job), "--json", "--budget", "500")
+    assert run.proc.returncode == 3, run.output()
+    assert json.loads(run.stdout)["done"] == 50
+    assert "the images are heavy to prepare: up to 2 worker process(es)" in run.stderr, run.stderr
 
 
 @pytest.mark.slow

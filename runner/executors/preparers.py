@@ -112,6 +112,8 @@ class Preparers:
         if not task.tries:
             self._taken += len(task.items)
         task.tries += 1
+        if self._use_processes and self._active < self._workers and self._heavy():
+            self._grow(self._workers, "the images are heavy to prepare")
         if self._cold is not None:  # said when found (`_start_pool`)
             self._cold = None
             self._use_processes = False
@@ -132,8 +134,6 @@ class Preparers:
             return self._in_process(task)
         task.pool = 0
         self._on_threads += 1
-        if self._active < self._workers and self._heavy():
-            self._grow(self._workers, "the images are heavy to prepare")
         return self._threads.submit(self._timed, task.items)
 
     def _timed(self, items: list[Item]) -> list[Ready | Refused]:
@@ -155,7 +155,7 @@ class Preparers:
         self._active = workers
         if self._pool is not None:
             _allow(self._pool, workers)
-        log.info("%s: %d worker process(es) now", why, workers)
+        log.info("%s: up to %d worker process(es)", why, workers)
 
     def has_room(self) -> bool:
         """Whether a new task may be submitted now. Tasks for the threads wait in the listing
