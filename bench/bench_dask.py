@@ -11,6 +11,11 @@ CPU time is its own; images per second divided by that share is how far one coor
 
 The goal: the coordinator's CPU per image, the median over the worker counts, at most 100 us
 (one coordinator's own work keeps up with 10,000 images a second).
+
+A run also costs its coordinator a fixed amount whatever its size (the Dask client's connection,
+the state database's set-up and summary): after the warm-up, a run of `--small` images is
+measured too, and the difference between the two runs gives the coordinator's cost per further
+image, the figure that decides how far one coordinator goes on a catalog of millions.
 """
 
 from __future__ import annotations
@@ -52,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per-worker", type=int, default=8,
                         help="requests in flight per worker (default 8)")
     parser.add_argument("--workers", default="1,2,4", help="worker counts (default 1,2,4)")
-    parser.add_argument("--child", nargs=2, metavar=("WARM_UP_JOB", "JOB"), help=argparse.SUPPRESS)
+    parser.add_argument("--small", type=int, default=100,
+                        help="images of the small run that tells the fixed cost (default 100)")
+    parser.add_argument("--child", nargs=3, metavar=("WARM_UP_JOB", "SMALL_JOB", "JOB"),
+                        help=argparse.SUPPRESS)
     return parser
 
 
@@ -78,8 +86,11 @@ def run(args: argparse.Namespace) -> list[Figure]:
     token, restore_token = set_bench_token()
     results: dict[int, dict[str, Any]] = {}
     try:
+        if not 0 < args.small < n:
+            raise SystemExit(f"dask: --small must be between 0 and --images ({n})")
         seconds = write_tiny_jpegs(tmp / "images", n)
         write_tiny_jpegs(tmp / "warm-up", 200, seed=1)
+        write_tiny_jpegs(tmp / "small", args.small, seed=2)
         print(f"dask: {n:,} distinct 64x48 JPEGs written in {seconds:.1f} s; emulator latency "
               f"{args.latency_ms:.0f} ms, batch {BATCH}, {args.per_worker} requests in flight "
               f"per worker; {os.cpu_count()} CPUs here")
@@ -97,14 +108,16 @@ def run(args: argparse.Namespace) -> list[Figure]:
                                       endpoint=sb.endpoint_url(), concurrency=concurrency,
                                       batch_size=BATCH, db=f"{name}-w{workers}.db",
                                       extra=executor)
-                            for name, folder in (("warm-up", "warm-up"), ("run", "images"))]
+                            for name, folder in (("warm-up", "warm-up"), ("small", "small"),
+                                                 ("run", "images"))]
                     r = _run_child(*jobs)
                 if r["done"] != n:
                     raise SystemExit(f"dask: {r['done']} of {n} images done with {workers} "
                                      f"worker(s): {r['status']}")
                 r["best"] = concurrency * BATCH / latency_s
+                r["further"] = (r["cpu"] - r["small_cpu"]) / (n - args.small)
                 results[workers] = r
-                _report(workers, concurrency, n, r)
+                _report(workers, concurrency, n, args.small, r)
     finally:
         restore_token()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -123,16 +136,22 @@ def run(args: argparse.Namespace) -> list[Figure]:
                    rate / max(share, 1e-9), ",.0f", "", None),
             Figure(BENCH, f"{workers} worker(s) coordinator CPU per image, us",
                    r["cpu"] / n * 1e6, ".0f", "", None),
+            Figure(BENCH, f"{workers} worker(s) coordinator CPU per further image, us",
+                   r["further"] * 1e6, ".0f", "", None),
         ]
     per_image = statistics.median(r["cpu"] / n * 1e6 for r in results.values())
     figures.append(Figure(BENCH, "coordinator CPU per image, us (median of the worker counts)",
                           per_image, ".0f", f"<= {GOAL_US_PER_IMAGE}",
                           per_image <= GOAL_US_PER_IMAGE))
+    figures.append(Figure(BENCH, "coordinator CPU per further image, us (median)",
+                          statistics.median(r["further"] * 1e6 for r in results.values()),
+                          ".0f", "", None))
     return figures
 
 
-def _run_child(warm_up: Path, job: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.bench_dask", "--child", str(warm_up), str(job)]
+def _run_child(warm_up: Path, small: Path, job: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.bench_dask", "--child", str(warm_up), str(small),
+           str(job)]
     out = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True,
                          check=False, timeout=3600)
     if out.returncode != 0:
@@ -140,31 +159,39 @@ def _run_child(warm_up: Path, job: Path) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _report(workers: int, concurrency: int, n: int, r: dict[str, Any]) -> None:
+def _report(workers: int, concurrency: int, n: int, small: int, r: dict[str, Any]) -> None:
     rate = n / r["wall"]
     print(f"\n{workers} worker(s), concurrency {concurrency}: {n:,} images in {r['wall']:.2f} s "
           f"({r['requests']} requests) = {rate:,.0f} img/s; theoretical best {r['best']:,.0f} "
           f"img/s -> {rate / r['best']:.2f}")
     print(f"  coordinator CPU {r['cpu']:.2f} s = {r['cpu'] / r['wall']:.1%} of one core "
-          f"({r['cpu'] / n * 1e6:.0f} us per image)")
+          f"({r['cpu'] / n * 1e6:.0f} us per image); a run of {small} images "
+          f"{r['small_cpu'] * 1e3:.0f} ms: {r['further'] * 1e6:.0f} us per further image")
 
 
 # --- the child: the coordinator alone in its process --------------------------------------------
 
 
-def _child(warm_up: str, job_file: str) -> dict[str, Any]:
-    """Run the warm-up job (the workers import and connect), then the measured one."""
+def _child(warm_up: str, small_file: str, job_file: str) -> dict[str, Any]:
+    """Run the warm-up job (the workers import and connect), then the small and the measured
+    one."""
     from runner.executors import run_job
     from runner.job import load_job
 
     run_job(load_job(warm_up))
+    small = load_job(small_file)
+    cpu = cpu_seconds()
+    small_summary = run_job(small)
+    small_cpu = cpu_seconds() - cpu
+    if small_summary.done != small_summary.listed:
+        raise SystemExit(f"dask: the small run left images undone: {small_summary.status}")
     job = load_job(job_file)
     cpu = cpu_seconds()
     started = time.perf_counter()
     summary = run_job(job)
     wall = time.perf_counter() - started
     return {"wall": wall, "cpu": cpu_seconds() - cpu, "done": summary.done,
-            "status": summary.status, "requests": summary.requests}
+            "status": summary.status, "requests": summary.requests, "small_cpu": small_cpu}
 
 
 if __name__ == "__main__":
