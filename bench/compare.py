@@ -211,16 +211,10 @@ def _run_bare(images: str, n: str, endpoint: str, token: str) -> dict[str, Any]:
     return {"ips": int(n) / seconds, "bare_cpu": cpu / int(n) * 1e6}
 
 
-def _job(work: Path, name: str, images: Path, endpoint: str, concurrency: int,
-         extra: str = "") -> Any:
+def _job(work: Path, name: str, images: Path, endpoint: str, concurrency: int) -> Any:
     from runner.job import load_job
 
-    path = work / f"{name}.toml"
-    path.write_text(f'name = "{name}"\n\n[source]\npaths = ["{images.as_posix()}/"]\n\n'
-                    f'[api]\nendpoint = "{endpoint}"\ntoken_env = "{TOKEN_ENV}"\n'
-                    f"batch_size = {BATCH}\nconcurrency = {concurrency}\n\n"
-                    f'[state]\ndb = "{(work / name).as_posix()}.db"\n{extra}', encoding="utf-8")
-    return load_job(path)
+    return load_job(_job_file(work, name, images, endpoint, concurrency))
 
 
 # --- Dask -------------------------------------------------------------------------------------------
@@ -281,7 +275,9 @@ def _run_dask(tmp: str, endpoint: str, workers: str, images: str) -> dict[str, A
 
 
 def _job_file(work: Path, name: str, images: Path, endpoint: str, concurrency: int,
-              extra: str) -> Path:
+              extra: str = "") -> Path:
+    """A job file over a folder of images (bench.fixtures.write_job's keys, which older commits
+    read too), its token in TOKEN_ENV."""
     path = work / f"{name}.toml"
     path.write_text(f'name = "{name}"\n\n[source]\npaths = ["{images.as_posix()}/"]\n\n'
                     f'[api]\nendpoint = "{endpoint}"\ntoken_env = "{TOKEN_ENV}"\n'
