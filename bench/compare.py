@@ -1,6 +1,7 @@
 """Before and after: this checkout's runner against an earlier commit's, in alternating rounds.
 
-    python -m bench.compare REV [--rounds 8] [--images 5000] [--dask-images 3000] [--no-dask]
+    python -m bench.compare REV [--rounds 8] [--images 5000] [--dask-images 3000]
+                                [--dask-latency-ms 200] [--no-pipeline | --no-dask]
 
 The figures of one `make bench` move with the shared machine by 15 % and more from one minute to
 the next; a change is only measured against what came before it on the same machine at the same
@@ -12,8 +13,9 @@ process per side, the order alternating:
   the run process's CPU per image, with its preparation workers, and images per second against
   a bare client that only posts prebuilt bodies, measured in the same rounds;
 - a Dask cluster of `--workers` (2) processes, 8 requests in flight each (the emulator at
-  200 ms): the coordinator's CPU per image of a run of `--dask-images`, and per further image
-  (a run of 100 images measured first tells the run's fixed cost).
+  `--dask-latency-ms`, 200): the coordinator's CPU per image of a run of `--dask-images`, per
+  further image (a run of 100 images measured first tells the run's fixed cost), and images per
+  second against the most the requests in flight allow.
 
 Both sides use this checkout's emulator and bench code; only `runner/` differs. REV must read the
 job file keys used here (name, source.paths, api endpoint, token_env, batch_size, concurrency,
@@ -51,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dask-images", type=int, default=3000,
                         help="images of a Dask run (default 3000)")
     parser.add_argument("--workers", type=int, default=2, help="Dask workers (default 2)")
-    parser.add_argument("--no-dask", action="store_true", help="the pipeline only")
+    parser.add_argument("--dask-latency-ms", type=float, default=200.0,
+                        help="the emulator's latency for the Dask runs (default 200)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--no-dask", action="store_true", help="the pipeline only")
+    what.add_argument("--no-pipeline", action="store_true", help="Dask only")
     return parser
 
 
@@ -64,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sides = {"before": _extract(args.rev, tmp / "before"), "after": _link(tmp / "after")}
         _images(tmp, args)
-        results = _pipeline(tmp, sides, args)
-        _print_pipeline(args.rev, results)
+        if not args.no_pipeline:
+            results = _pipeline(tmp, sides, args)
+            _print_pipeline(args.rev, results)
         if not args.no_dask:
             dask = _dask(tmp, sides, args)
-            _print_dask(args.rev, args.workers, dask)
+            _print_dask(args.rev, args, dask)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
@@ -103,7 +110,8 @@ def _link(folder: Path) -> Path:
 def _images(tmp: Path, args: argparse.Namespace) -> None:
     from bench.fixtures import write_tiny_jpegs
 
-    write_tiny_jpegs(tmp / "images", args.images)
+    if not args.no_pipeline:
+        write_tiny_jpegs(tmp / "images", args.images)
     write_tiny_jpegs(tmp / "warm-up", 200, seed=1)
     if not args.no_dask:
         write_tiny_jpegs(tmp / "dask-images", args.dask_images, seed=3)
@@ -227,7 +235,8 @@ def _dask(tmp: Path, sides: dict[str, Path], args: argparse.Namespace
     token, restore = set_bench_token()
     results: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
     try:
-        with emulator_process(latency_ms=200, token=token, max_records=BATCH) as endpoint:
+        with emulator_process(latency_ms=args.dask_latency_ms, token=token,
+                              max_records=BATCH) as endpoint:
             for r, order in enumerate(_orders(args.rounds, list(results))):
                 for name in order:
                     results[name].append(_child(sides[name], "--dask", str(tmp), endpoint,
@@ -239,8 +248,12 @@ def _dask(tmp: Path, sides: dict[str, Path], args: argparse.Namespace
     return results
 
 
-def _print_dask(rev: str, workers: int, res: dict[str, list[dict[str, Any]]]) -> None:
-    print(f"\nDask, {workers} worker(s), {len(res['before'])} rounds (medians, ranges):")
+def _print_dask(rev: str, args: argparse.Namespace, res: dict[str, list[dict[str, Any]]]
+                ) -> None:
+    best = PER_WORKER * args.workers * BATCH / (args.dask_latency_ms / 1000)
+    print(f"\nDask, {args.workers} worker(s), the emulator at {args.dask_latency_ms:.0f} ms "
+          f"(at most {best:,.0f} images per second), {len(res['before'])} rounds "
+          "(medians, ranges):")
     for key, what in (("cpu", "the coordinator's CPU per image, us"),
                       ("further", "per further image, us"), ("ips", "images per second")):
         before = [d[key] for d in res["before"]]

@@ -340,3 +340,33 @@ def test_a_send_task_result_crosses_as_one_pickle_even_with_an_unpicklable_error
     assert isinstance(back[1].error, RuntimeError)
     assert str(back[1].error) == "_NoPickle: the library broke" and back[1].forget == (1,)
     assert isinstance(back[2].error, ValueError) and str(back[2].error) == "kept as it is"
+
+
+def test_batches_go_to_the_worker_holding_them_with_the_fewest_in_flight_up_to_its_room():
+    # Each worker's client sends at most its share of the concurrency. Batches handed out in
+    # the order their chunks came back gave one worker two chunks' sends while the other had
+    # none, and the run went at half its concurrency for seconds at a time.
+    from runner.executors.dask import _DaskBatch, _Queue
+    from runner.records import Item, Ready, RequestRecord
+
+    def batch(holder: str | None, n: int = 10) -> _DaskBatch:
+        readies = [Ready(Item(f"{holder}{i}", f"/x/{i}", 1, "1:1"),
+                         RequestRecord(f"{holder}{i}"), "h") for i in range(n)]
+        return _DaskBatch(readies, (holder,), holder)
+
+    q = _Queue()
+    for _ in range(3):
+        q.append(batch("A"))
+    q.append(batch("B", 4))
+    assert q.images == 34
+    load = {"A": 3, "B": 0}
+    assert q.next_holder(load, room=4) == (True, "B")  # fewest in flight, though queued last
+    assert q.popleft("B").holder == "B" and q.images == 30
+    load["B"] = 4
+    assert q.next_holder(load, room=4) == (True, "A")
+    load["A"] = 4
+    assert q.next_holder(load, room=4) == (False, None)  # every holder at its room: wait
+    q.append(batch(None))  # bytes from several workers' chunks: not counted per worker
+    assert q.next_holder(load, room=4) == (True, None)
+    q.appendleft(batch("A", 2))  # a lost answer's resend goes first
+    assert len(q.head("A").readies) == 2

@@ -2,8 +2,10 @@
 images (dask_tasks.py); this process stays the single owner of the state database (it lists,
 routes copies, reserves budget, records outcomes and every request's row).
 
-A chunk's prepared bytes stay on the worker that prepared them (a Dask future); only keys, content
-hashes and refusals come back here, and a batch is sent by a task that runs where its bytes are.
+A chunk's prepared bytes stay on the worker that prepared them (a Dask future); only that
+worker's address, keys, content hashes and refusals come back here, and a batch is sent by a task
+that runs where its bytes are. Each worker sends at most its share of `concurrency`, so batches go
+out to the workers holding them evenly (`_Queue`), not in the order their chunks came back.
 """
 
 from __future__ import annotations
@@ -105,12 +107,61 @@ def dask_setup(worker: Any) -> None:
 class _DaskBatch:
     readies: list[Ready]  # without their bytes: those are in `parts`, on the workers
     parts: tuple[Any, ...]  # futures of the Prepared dicts that hold the bytes
+    holder: str | None  # the worker that holds them (None: several, or not known)
 
 
 @dataclass
 class _SendTask:
     batches: list[tuple[int, list[Ready]]]  # each batch's number and images, in task order
     parts: tuple[Any, ...]
+    holder: str | None
+
+
+class _Queue:
+    """Batches waiting to be sent, by the worker that holds their bytes (a send task runs
+    there). Each worker's client sends at most its share of `concurrency` at once: were a
+    worker given more than it can send while another has none to send, the requests in
+    flight would fall below `concurrency`. So batches go out to the worker with the fewest
+    in flight, and none beyond `room` (its share, plus a task waiting behind it)."""
+
+    def __init__(self) -> None:
+        self._by: dict[str | None, deque[_DaskBatch]] = {}
+        self.images = 0  # in all the batches queued
+
+    def __bool__(self) -> bool:
+        return self.images > 0 or any(self._by.values())
+
+    def append(self, b: _DaskBatch) -> None:
+        self._by.setdefault(b.holder, deque()).append(b)
+        self.images += len(b.readies)
+
+    def appendleft(self, b: _DaskBatch) -> None:
+        self._by.setdefault(b.holder, deque()).appendleft(b)
+        self.images += len(b.readies)
+
+    def popleft(self, holder: str | None) -> _DaskBatch:
+        b = self._by[holder].popleft()
+        self.images -= len(b.readies)
+        return b
+
+    def head(self, holder: str | None) -> _DaskBatch | None:
+        q = self._by.get(holder)
+        return q[0] if q else None
+
+    def next_holder(self, load: dict[str | None, int], room: int) -> tuple[bool, str | None]:
+        """(whether any batch may go now, the worker whose batches go next): the one with the
+        fewest batches in flight, below `room`; batches of several workers' chunks (holder
+        None) whenever no worker's may go."""
+        best: str | None = None
+        found = False
+        for holder, q in self._by.items():
+            if not q or holder is None or load.get(holder, 0) >= room:
+                continue
+            if not found or load.get(holder, 0) < load.get(best, 0):
+                best, found = holder, True
+        if found:
+            return True, best
+        return bool(self._by.get(None)), None
 
 
 class DaskExecutor:
@@ -198,6 +249,12 @@ class _Coordinator:
         # per worker keeps them busy.
         per_task = max(1, min(SEND_BATCHES, concurrency // workers))
         send_window = concurrency + workers * per_task if concurrency >= workers else concurrency
+        room = w.concurrency + per_task  # batches in flight on one worker at the most
+        load: dict[str | None, int] = {}  # batches in flight, by the worker holding them
+        # Chunks are prepared on the workers in turn (a preference: another may take one), so
+        # that each holds its share of the batches to send.
+        addresses = list(nthreads)
+        chunks = 0
         listing = self.run.listed()
         intake_done = exhausted = limited = False
         stopped_by: str | None = None
@@ -207,13 +264,13 @@ class _Coordinator:
         finished = distributed.as_completed(loop=dask.loop, with_results=True,
                                             raise_errors=False)
         describing: dict[distributed.Future, tuple[distributed.Future, list[Item]]] = {}
-        batches: deque[_DaskBatch] = deque()
-        leftovers: list[tuple[distributed.Future, Ready]] = []  # a chunk's last partial batch
+        batches = _Queue()
+        # a chunk's last partial batch: (its chunk, the worker holding it, the image)
+        leftovers: list[tuple[distributed.Future, str | None, Ready]] = []
         sending: dict[distributed.Future, _SendTask] = {}
 
         def queued() -> int:
-            return (len(describing) * chunk_size + len(leftovers)
-                    + sum(len(b.readies) for b in batches))
+            return len(describing) * chunk_size + len(leftovers) + batches.images
 
         while True:
             stopped_by = self.run.stop_reason(stopped_by)
@@ -229,14 +286,17 @@ class _Coordinator:
                 if not items:
                     break
                 taken += len(items)
-                prepared = dask.submit(prepare_chunk, w, packed(items), pure=False)
+                prepared = dask.submit(prepare_chunk, w, packed(items), pure=False,
+                                       workers=[addresses[chunks % len(addresses)]],
+                                       allow_other_workers=True)
+                chunks += 1
                 described = dask.submit(describe_chunk, prepared, pure=False,
                                         priority=PRIORITY_DESCRIBE)
                 finished.add(described)
                 describing[described] = (prepared, items)
             # 2. settle what finished: route described chunks, record answered batches
-            self._take_finished(finished, describing, sending, batches, leftovers,
-                         route=stopped_by is None)
+            self._take_finished(finished, describing, sending, batches, leftovers, load,
+                                route=stopped_by is None)
             stopped_by = self.run.stop_reason(stopped_by)
             # 3. full batches out; the last partial ones once nothing else comes
             if stopped_by is None:
@@ -246,22 +306,28 @@ class _Coordinator:
                     del leftovers[:bs]
             in_flight = sum(len(t.batches) for t in sending.values())
             while batches and stopped_by is None and in_flight < send_window:
+                may, holder = batches.next_holder(load, room)
+                if not may:  # every worker with batches to send has its fill in flight
+                    break
                 # Batches whose bytes are in the same chunk go out in one task, each afforded.
-                parts, group = batches[0].parts, []
-                while (batches and batches[0].parts is parts and len(group) < per_task
-                       and in_flight + len(group) < send_window):
-                    n = self.run.affordable(len(batches[0].readies))
+                first = batches.head(holder)
+                assert first is not None
+                parts, group = first.parts, []
+                while ((b := batches.head(holder)) is not None and b.parts is parts
+                       and len(group) < per_task and in_flight + len(group) < send_window):
+                    n = self.run.affordable(len(b.readies))
                     if n == 0:
                         break
-                    b = batches.popleft()
+                    batches.popleft(holder)
                     if n < len(b.readies):
-                        batches.appendleft(_DaskBatch(b.readies[n:], b.parts))
+                        batches.appendleft(_DaskBatch(b.readies[n:], b.parts, holder))
                     group.append(b.readies[:n])
                 if not group:
                     if not sending:
                         stopped_by = "budget"
                     break
-                self._dispatch(group, parts, sending, finished)
+                self._dispatch(group, parts, holder, sending, finished)
+                load[holder] = load.get(holder, 0) + len(group)
                 in_flight += len(group)
             # 4. finished?
             if stopped_by is not None and not sending:
@@ -273,10 +339,10 @@ class _Coordinator:
         return self.run.wind_up(listing, stopped_by, limited, exhausted)
 
     def _take_finished(self, finished: distributed.as_completed,
-                describing: dict[distributed.Future, tuple[distributed.Future, list[Item]]],
-                sending: dict[distributed.Future, _SendTask],
-                batches: deque[_DaskBatch], leftovers: list[tuple[distributed.Future, Ready]], *,
-                route: bool) -> None:
+                       describing: dict[distributed.Future, tuple[distributed.Future, list[Item]]],
+                       sending: dict[distributed.Future, _SendTask], batches: _Queue,
+                       leftovers: list[tuple[distributed.Future, str | None, Ready]],
+                       load: dict[str | None, int], *, route: bool) -> None:
         """Wait a little for finished tasks, then take in every one that has finished."""
         with finished.thread_condition:  # notified under this lock: no wake-up is missed
             if not finished.has_ready():
@@ -287,6 +353,7 @@ class _Coordinator:
             described = f.exception() if f.status == "error" else unpacked(result)
             if f in sending:
                 task = sending.pop(f)
+                load[task.holder] -= len(task.batches)
                 answered = []
                 for i, (batch_no, readies) in enumerate(task.batches):
                     sent = described if isinstance(described, BaseException) else described[i]
@@ -301,7 +368,8 @@ class _Coordinator:
                               if not o.final and o.reason == f"not sent: {RESEND}"}
                     if resend:
                         batches.appendleft(_DaskBatch(
-                            [r for r in readies if r.item.key in resend], task.parts))
+                            [r for r in readies if r.item.key in resend], task.parts,
+                            task.holder))
             elif f in describing:
                 prepared, items = describing.pop(f)
                 if isinstance(described, BaseException):  # its workers died over and over
@@ -311,32 +379,39 @@ class _Coordinator:
                     continue
                 if not route:
                     continue
+                holder, description = described
                 readies: list[Ready] = []
-                self.run.route(described, readies)
+                self.run.route(description, readies)
                 whole = len(readies) - len(readies) % bs
                 parts = (prepared,)  # one tuple: batches of a chunk go out together
-                batches.extend(_DaskBatch(readies[i:i + bs], parts) for i in range(0, whole, bs))
-                leftovers.extend((prepared, r) for r in readies[whole:])
+                for i in range(0, whole, bs):
+                    batches.append(_DaskBatch(readies[i:i + bs], parts, holder))
+                leftovers.extend((prepared, holder, r) for r in readies[whole:])
 
-    def _mixed_batch(self, members: list[tuple[distributed.Future, Ready]]) -> _DaskBatch:
+    def _mixed_batch(self, members: list[tuple[distributed.Future, str | None, Ready]]
+                     ) -> _DaskBatch:
         """A batch from several chunks' leftovers: only its own images move between workers."""
         by_chunk: dict[distributed.Future, list[str]] = {}
-        for prepared, r in members:
+        holders = set()
+        for prepared, holder, r in members:
             by_chunk.setdefault(prepared, []).append(r.item.key)
+            holders.add(holder)
         if len(by_chunk) == 1:
             parts: tuple[Any, ...] = tuple(by_chunk)
         else:
             parts = tuple(self.dask.submit(pick, prepared, keys, pure=False,
                                            priority=PRIORITY_SEND)
                           for prepared, keys in by_chunk.items())
-        return _DaskBatch([r for _, r in members], parts)
+        # Bytes from one worker: sent from there; from several, wherever Dask sends the task.
+        return _DaskBatch([r for _, _, r in members], parts,
+                          holders.pop() if len(holders) == 1 else None)
 
-    def _dispatch(self, group: list[list[Ready]], parts: tuple[Any, ...],
+    def _dispatch(self, group: list[list[Ready]], parts: tuple[Any, ...], holder: str | None,
                   sending: dict[distributed.Future, _SendTask],
                   finished: distributed.as_completed) -> None:
         """One task for the group; every batch of it is recorded in flight before it exists
         (the worker cannot write here), all in one transaction."""
-        task = _SendTask([(self.run.next_batch(), readies) for readies in group], parts)
+        task = _SendTask([(self.run.next_batch(), readies) for readies in group], parts, holder)
         self.run.record_attempts([(batch_no, 1, [r.item.key for r in readies])
                                   for batch_no, readies in task.batches])
         f = self.dask.submit(send_batches, self.worker_job,

@@ -128,10 +128,18 @@ def prepare_chunk(w: WorkerJob, items: bytes) -> Prepared:
 
 
 def describe_chunk(prepared: Prepared) -> bytes:
-    """What the coordinator routes by (`packed`): keys, content hashes, refusals; no image
-    bytes."""
-    return packed([replace(r, record=replace(r.record, data=None)) if isinstance(r, Ready)
-                    else r for r in prepared.values()])
+    """What the coordinator routes by (`packed`): the address of the worker that holds the
+    chunk (the send tasks of its batches run there), and keys, content hashes, refusals; no
+    image bytes."""
+    return packed((_where(), [replace(r, record=replace(r.record, data=None))
+                              if isinstance(r, Ready) else r for r in prepared.values()]))
+
+
+def _where() -> str | None:
+    try:
+        return str(distributed.get_worker().address)
+    except ValueError:  # not on a worker (called directly)
+        return None
 
 
 def pick(prepared: Prepared, keys: Sequence[str]) -> Prepared:
