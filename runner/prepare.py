@@ -135,16 +135,35 @@ Made = tuple[bytes | None, str | None, int | None, int | None] | tuple[str, bool
 _worker_job: Job | None = None
 
 
-def worker_start(job: Job) -> None:
+ORPHAN_CHECK_S = 1.0  # how often a worker looks whether its run is still there
+
+
+def worker_start(job: Job, run_pid: int) -> None:
     """A terminal's Ctrl-C reaches the whole process group, and a service manager's SIGTERM
     every process of the service; only the run decides what they mean (finish the requests in
-    flight, stop), and it ends its workers on its way out."""
+    flight, stop), and it ends its workers on its way out. A run killed outright (kill -9, the
+    out-of-memory killer, a cron job's time limit) cannot: its workers, deaf to SIGTERM, would
+    wait for work forever, so each leaves by itself once its run (`run_pid`) is gone."""
     import signal
+    import threading
 
     global _worker_job
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _worker_job = job
+    threading.Thread(target=_leave_without, args=(run_pid,), name="ximrun-run-watch",
+                     daemon=True).start()
+
+
+def _leave_without(run_pid: int) -> None:
+    """Exit this worker once its parent is no longer the run (the run died: the worker was
+    handed to another parent). Nothing of its work is lost: the run never recorded it."""
+    import os
+    import time
+
+    while os.getppid() == run_pid:
+        time.sleep(ORPHAN_CHECK_S)
+    os._exit(0)
 
 
 def worker_up() -> None:

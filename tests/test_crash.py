@@ -209,3 +209,59 @@ def test_kill_9_with_api_faults_still_ends_consistent(tmp_path):
         assert lost, "no answer was lost: raise pdrop"
         invisible = {k for k in lost if k not in named and rows[k]["sends"] < 2}
         assert not invisible, f"billed, lost and never counted (seed {seed}): {invisible}"
+
+
+# --- what a killed run leaves running ------------------------------------------------------------
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`, with their command lines (Linux's /proc)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out[int(entry.name)] = cmd
+    return out
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and has not exited (an exited orphan may wait as a zombie
+    for a parent that does not reap it)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux's /proc")
+def test_a_run_killed_with_sigkill_leaves_no_preparation_process_running(tmp_path):
+    # Preparation workers ignore SIGTERM (the run decides what a stop means) and wait for
+    # work; with their run killed outright they waited forever: a nightly job killed by a
+    # time limit left a process or two behind every night. Each now leaves once its run is
+    # gone.
+    make_images(tmp_path / "imgs", 600)
+    with Sandbox(SandboxSettings(token=TOKEN, latency_ms=300)) as sb:
+        job = write_job(tmp_path, sb, tmp_path / "imgs", name="orphans",
+                        api=dict(CHILD_API, batch_size=10, concurrency=2))
+        child = start(tmp_path, "run", str(job), tag="killed")
+        workers: dict[int, str] = {}
+
+        def preparing() -> bool:
+            workers.update({p: c for p, c in _children(child.proc.pid).items()
+                            if "multiprocessing" in c})
+            return any("spawn_main" in c for c in workers.values())
+
+        wait_for(preparing, "the run's preparation workers", child)
+        child.proc.send_signal(signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL
+        deadline = time.monotonic() + 15
+        while any(_running(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = {p: c for p, c in workers.items() if _running(p)}
+        assert not left, f"still running after their run was killed: {left}"

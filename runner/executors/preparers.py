@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -191,7 +192,7 @@ class Preparers:
         ctx = multiprocessing.get_context("spawn")
         try:
             pool = ProcessPoolExecutor(self._workers, mp_context=ctx, initializer=worker_start,
-                                       initargs=(self.job,))
+                                       initargs=(self.job, os.getpid()))
             _allow(pool, self._active)
             up = pool.submit(worker_up)
         except Exception as exc:  # noqa: BLE001 -- e.g. a daemonic process may have no children
