@@ -38,7 +38,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
-TOKEN_ENV = "XIMRUN_BENCH_TOKEN"
 BATCH = 10
 PER_WORKER = 8
 SMALL = 100
@@ -220,9 +219,11 @@ def _run_bare(images: str, n: str, endpoint: str, token: str) -> dict[str, Any]:
 
 
 def _job(work: Path, name: str, images: Path, endpoint: str, concurrency: int) -> Any:
+    from bench.fixtures import write_job
     from runner.job import load_job
 
-    return load_job(_job_file(work, name, images, endpoint, concurrency))
+    return load_job(write_job(work, name=name, images=images, endpoint=endpoint,
+                              concurrency=concurrency, batch_size=BATCH, db=f"{name}.db"))
 
 
 # --- Dask -------------------------------------------------------------------------------------------
@@ -268,6 +269,8 @@ def _run_dask(tmp: str, endpoint: str, workers: str, images: str) -> dict[str, A
     path), and the coordinator in a child of its own, so that its CPU time is its own."""
     import distributed
 
+    from bench.fixtures import write_job
+
     folder = Path(tmp)
     work = Path(tempfile.mkdtemp(prefix="dask-", dir=folder))
     with distributed.LocalCluster(n_workers=int(workers), processes=True,
@@ -275,7 +278,9 @@ def _run_dask(tmp: str, endpoint: str, workers: str, images: str) -> dict[str, A
                                   dashboard_address=None) as cluster:
         executor = f'\n[executor]\nkind = "dask"\naddress = "{cluster.scheduler_address}"\n'
         concurrency = PER_WORKER * int(workers)
-        jobs = [_job_file(work, name, folder / sub, endpoint, concurrency, executor)
+        jobs = [write_job(work, name=name, images=folder / sub, endpoint=endpoint,
+                          concurrency=concurrency, batch_size=BATCH, db=f"{name}.db",
+                          extra=executor)
                 for name, sub in (("warm-up", "warm-up"), ("small", "small"),
                                   ("run", "dask-images"))]
         # The child inherits PYTHONPATH: this side's runner first, then the checkout.
@@ -287,36 +292,17 @@ def _run_dask(tmp: str, endpoint: str, workers: str, images: str) -> dict[str, A
         return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def _job_file(work: Path, name: str, images: Path, endpoint: str, concurrency: int,
-              extra: str = "") -> Path:
-    """A job file over a folder of images (bench.fixtures.write_job's keys, which older commits
-    read too), its token in TOKEN_ENV."""
-    path = work / f"{name}.toml"
-    path.write_text(f'name = "{name}"\n\n[source]\npaths = ["{images.as_posix()}/"]\n\n'
-                    f'[api]\nendpoint = "{endpoint}"\ntoken_env = "{TOKEN_ENV}"\n'
-                    f"batch_size = {BATCH}\nconcurrency = {concurrency}\n\n"
-                    f'[state]\ndb = "{(work / name).as_posix()}.db"\n{extra}', encoding="utf-8")
-    return path
-
-
 def _run_coordinator(warm_up: str, small: str, job_file: str, images: str) -> dict[str, Any]:
-    from bench.fixtures import cpu_seconds
-    from runner.executors import run_job
-    from runner.job import load_job
+    """bench_dask's coordinator child (a warm-up, a small run, the measured run), reduced to
+    per-image figures."""
+    from bench.bench_dask import _child
 
-    run_job(load_job(warm_up))
-    cpu = cpu_seconds()
-    run_job(load_job(small))
-    small_cpu = cpu_seconds() - cpu
-    job = load_job(job_file)
-    cpu, started = cpu_seconds(), time.perf_counter()
-    summary = run_job(job)
-    wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
-    n = summary.done
+    r = _child(warm_up, small, job_file)
+    n = r["done"]
     if n != int(images):
-        raise SystemExit(f"{n} of {images} images done on Dask: {summary.status}")
-    return {"cpu": cpu / n * 1e6, "further": (cpu - small_cpu) / (n - SMALL) * 1e6,
-            "ips": n / wall}
+        raise SystemExit(f"{n} of {images} images done on Dask: {r['status']}")
+    return {"cpu": r["cpu"] / n * 1e6, "further": (r["cpu"] - r["small_cpu"]) / (n - SMALL) * 1e6,
+            "ips": n / r["wall"]}
 
 
 def _as_child(argv: list[str]) -> int:

@@ -129,7 +129,7 @@ class _Queue:
         self.images = 0  # in all the batches queued
 
     def __bool__(self) -> bool:
-        return self.images > 0 or any(self._by.values())
+        return self.images > 0  # no batch is empty
 
     def append(self, b: _DaskBatch) -> None:
         self._by.setdefault(b.holder, deque()).append(b)
@@ -152,15 +152,10 @@ class _Queue:
         """(whether any batch may go now, the worker whose batches go next): the one with the
         fewest batches in flight, below `room`; batches of several workers' chunks (holder
         None) whenever no worker's may go."""
-        best: str | None = None
-        found = False
-        for holder, q in self._by.items():
-            if not q or holder is None or load.get(holder, 0) >= room:
-                continue
-            if not found or load.get(holder, 0) < load.get(best, 0):
-                best, found = holder, True
-        if found:
-            return True, best
+        open_ = [h for h, q in self._by.items()
+                 if q and h is not None and load.get(h, 0) < room]
+        if open_:
+            return True, min(open_, key=lambda h: load.get(h, 0))
         return bool(self._by.get(None)), None
 
 

@@ -131,15 +131,9 @@ def describe_chunk(prepared: Prepared) -> bytes:
     """What the coordinator routes by (`packed`): the address of the worker that holds the
     chunk (the send tasks of its batches run there), and keys, content hashes, refusals; no
     image bytes."""
-    return packed((_where(), [replace(r, record=replace(r.record, data=None))
-                              if isinstance(r, Ready) else r for r in prepared.values()]))
-
-
-def _where() -> str | None:
-    try:
-        return str(distributed.get_worker().address)
-    except ValueError:  # not on a worker (called directly)
-        return None
+    return packed((distributed.get_worker().address,
+                   [replace(r, record=replace(r.record, data=None)) if isinstance(r, Ready)
+                    else r for r in prepared.values()]))
 
 
 def pick(prepared: Prepared, keys: Sequence[str]) -> Prepared:
