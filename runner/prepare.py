@@ -8,6 +8,9 @@ Dask worker.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
@@ -145,7 +148,6 @@ def worker_start(job: Job, run_pid: int) -> None:
     out-of-memory killer, a cron job's time limit) cannot: its workers, deaf to SIGTERM, would
     wait for work forever, so each leaves by itself once its run (`run_pid`) is gone."""
     import signal
-    import threading
 
     global _worker_job
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -158,9 +160,6 @@ def worker_start(job: Job, run_pid: int) -> None:
 def _leave_without(run_pid: int) -> None:
     """Exit this worker once its parent is no longer the run (the run died: the worker was
     handed to another parent). Nothing of its work is lost: the run never recorded it."""
-    import os
-    import time
-
     while os.getppid() == run_pid:
         time.sleep(ORPHAN_CHECK_S)
     os._exit(0)
